@@ -1,0 +1,1 @@
+"""Versioned message contracts shared by eglo's producers, workers and downstream consumers."""

@@ -1,0 +1,1 @@
+"""eglo's Postgres schema, migrations and connection pool."""

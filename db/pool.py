@@ -1,0 +1,46 @@
+"""The asyncpg pool, with JSON and pgvector codecs registered on every connection."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+import orjson
+from pgvector.asyncpg import register_vector
+
+from db.embedded import embedded_database_url
+from worker.settings import Settings
+
+
+def database_url(settings: Settings) -> str:
+    """The configured URL, or the embedded server's."""
+    if settings.database_url is not None:
+        return settings.database_url.get_secret_value()
+    return embedded_database_url(settings.data_dir)
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    for pg_type in ("json", "jsonb"):
+        await conn.set_type_codec(
+            pg_type,
+            schema="pg_catalog",
+            encoder=lambda v: orjson.dumps(v).decode(),
+            decoder=orjson.loads,
+        )
+    # The extension is created by the first migration; before it, there is no type to register.
+    if await conn.fetchval("SELECT 1 FROM pg_type WHERE typname = 'vector'"):
+        await register_vector(conn)
+
+
+async def create_pool(url: str, *, size: int = 8, **kwargs: Any) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(
+        url, min_size=min(2, size), max_size=size, init=_init_connection, **kwargs
+    )
+    assert pool is not None
+    return pool
+
+
+async def connect(url: str) -> asyncpg.Connection:
+    conn = await asyncpg.connect(url)
+    await _init_connection(conn)
+    return conn

@@ -1,0 +1,1 @@
+"""Publishing requests to eglo: a confirming Publisher, file reading and sample generation."""

@@ -1,0 +1,114 @@
+"""Fixtures: a real RabbitMQ vhost per test, a real Postgres database per session, the emulator."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import aio_pika
+import asyncpg
+import pytest
+
+from db.migrate import migrate
+from db.pool import connect, create_pool
+from tests import infra
+from worker import logs
+from worker.settings import Settings
+
+logs.configure("WARNING", json=False)
+
+TABLES = (
+    "outbox",
+    "anomalies",
+    "optimization_embeddings",
+    "qnn_execution_metrics",
+    "optimization_runs",
+    "energy_datasets",
+)
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    """A migrated database of its own on a pgvector-enabled server."""
+    with infra.postgres_server() as server_url:
+        name = f"eglo_test_{uuid.uuid4().hex[:8]}"
+
+        async def create() -> None:
+            conn = await asyncpg.connect(server_url)
+            try:
+                await conn.execute(f'CREATE DATABASE "{name}"')
+            finally:
+                await conn.close()
+            conn = await connect(infra.with_database(server_url, name))
+            try:
+                await migrate(conn)
+            finally:
+                await conn.close()
+
+        asyncio.run(create())
+        yield infra.with_database(server_url, name)
+
+
+@pytest.fixture
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    """A pool on a database emptied before the test."""
+    pool = await create_pool(database_url, size=4)
+    await pool.execute(f"TRUNCATE {', '.join(TABLES)} CASCADE")
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture(scope="session")
+def broker() -> None:
+    if not os.environ.get("EGLO_AMQP_URL"):
+        infra.ensure_local_rabbitmq()
+
+
+@pytest.fixture
+def amqp_url(broker: None) -> Iterator[str]:
+    """A vhost of the test's own on the local broker (or EGLO_AMQP_URL, purged)."""
+    if url := os.environ.get("EGLO_AMQP_URL"):
+        yield url
+        return
+    with infra.fresh_vhost() as url:
+        yield url
+
+
+@pytest.fixture
+async def amqp(amqp_url: str) -> AsyncIterator[aio_pika.abc.AbstractRobustConnection]:
+    connection = await aio_pika.connect_robust(amqp_url)
+    yield connection
+    await connection.close()
+
+
+@pytest.fixture
+async def emulator() -> AsyncIterator[str]:
+    """A fault-free QNN emulator on a free port."""
+    from qnn_emulator.server import running_emulator
+    from qnn_emulator.settings import EmulatorSettings
+
+    async with running_emulator(EmulatorSettings()) as url:
+        yield url
+
+
+def make_settings(amqp_url: str, database_url: str, qnn_url: str, **overrides: Any) -> Settings:
+    """Test settings: fast retries and delay tiers, a free metrics port, small grace."""
+    values: dict[str, Any] = dict(
+        amqp_url=amqp_url,
+        database_url=database_url,
+        qnn_url=qnn_url,
+        metrics_port=0,
+        metrics_host="127.0.0.1",
+        qnn_backoff_initial_s=0.01,
+        qnn_backoff_max_s=0.1,
+        qnn_timeout_s=2.0,
+        retry_delays_s=[0.2, 0.5],
+        shutdown_grace_s=5.0,
+        prefetch=64,
+        outbox_poll_s=0.1,
+    )
+    values.update(overrides)
+    return Settings(**values)

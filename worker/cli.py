@@ -1,0 +1,208 @@
+"""`eglo`: one console script, one subcommand per job."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+from worker.settings import Settings
+
+
+def _run(coro: Coroutine[Any, Any, int]) -> int:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def _setup(args: argparse.Namespace) -> Settings:
+    from worker import logs
+
+    settings = Settings()
+    if getattr(args, "prefetch", None):
+        settings.prefetch = args.prefetch
+    secrets = tuple(s.get_secret_value() for s in (settings.qnn_api_key,) if s is not None)
+    logs.configure(settings.log_level, json=settings.log_json, secrets=secrets)
+    return settings
+
+
+async def _migrate(settings: Settings) -> int:
+    from db.migrate import migrate
+    from db.pool import connect, database_url
+
+    conn = await connect(database_url(settings))
+    try:
+        applied = await migrate(conn)
+    finally:
+        await conn.close()
+    print(f"migrations applied: {', '.join(applied) if applied else 'none (up to date)'}")
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    return _run(_migrate(_setup(args)))
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from worker.app import run_worker
+
+    return _run(run_worker(_setup(args), burst=args.burst))
+
+
+async def _publish(settings: Settings, args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from producers.publisher import Publisher
+    from producers.reader import read_requests
+
+    stream = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")  # noqa: SIM115, ASYNC230 - read lazily, a line at a time
+    bad = 0
+    with stream, tqdm(unit="req", desc="published", disable=args.quiet, file=sys.stderr) as bar:
+
+        def good_requests() -> Any:
+            nonlocal bad
+            for item in read_requests(stream):
+                if item.request is not None:
+                    yield item.request
+                else:
+                    bad += 1
+                    bar.write(f"skipped {item.error}", file=sys.stderr)
+
+        async with Publisher.connect(settings.amqp_url.get_secret_value()) as publisher:
+            report = await publisher.publish_many(
+                good_requests(), rate=args.rate, on_done=lambda: bar.update()
+            )
+    for request_id, error in report.failed[:20]:
+        print(f"not confirmed: {request_id}: {error}", file=sys.stderr)
+    print(
+        f"confirmed {len(report.confirmed)}, not confirmed {len(report.failed)}, "
+        f"bad lines skipped {bad}",
+        file=sys.stderr,
+    )
+    if report.failed:
+        return 1
+    return 3 if bad else 0
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    return _run(_publish(_setup(args), args))
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import orjson
+
+    from producers.sample import generate_requests
+
+    out = sys.stdout.buffer
+    for request in generate_requests(args.count, args.seed, id_prefix=args.id_prefix):
+        out.write(orjson.dumps(request) + b"\n")
+    return 0
+
+
+def cmd_schemas(args: argparse.Namespace) -> int:
+    from contracts.schemas import write_schemas
+
+    for path in write_schemas(Path(args.out)):
+        print(path)
+    return 0
+
+
+def cmd_emulator(args: argparse.Namespace) -> int:
+    from qnn_emulator.cli import run
+
+    return run(args)
+
+
+async def _summary(settings: Settings, prefix: str) -> int:
+    from db.pool import connect, database_url
+    from worker.report import format_summary, summary
+
+    conn = await connect(database_url(settings))
+    try:
+        print(format_summary(await summary(conn, prefix)))
+    finally:
+        await conn.close()
+    return 0
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    return _run(_summary(_setup(args), args.prefix))
+
+
+def cmd_db_url(args: argparse.Namespace) -> int:
+    from db.pool import database_url
+
+    print(database_url(Settings()))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from worker.demo import run_demo
+
+    return run_demo(_setup(args), count=args.count)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from qnn_emulator.cli import add_arguments as add_emulator_arguments
+
+    parser = argparse.ArgumentParser(prog="eglo", description="Energy Grid Load Optimizer")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("migrate", help="apply database migrations (one-shot)")
+    p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("worker", help="consume eglo.requests until stopped")
+    p.add_argument(
+        "--burst",
+        action="store_true",
+        help="exit once the queue is empty and all in-flight work is committed",
+    )
+    p.add_argument("--prefetch", type=int, help="override EGLO_PREFETCH")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("publish", help="publish requests from an NDJSON file or JSON array")
+    p.add_argument("file", help="path, or - for standard input")
+    p.add_argument("--rate", type=float, help="at most this many requests per second")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_publish)
+
+    p = sub.add_parser("sample", help="print realistic requests of all four types as NDJSON")
+    p.add_argument("--count", type=int, default=20)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--id-prefix", default="sample")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("schemas", help="write the JSON Schemas of every message")
+    p.add_argument("--out", default="docs/schemas")
+    p.set_defaults(func=cmd_schemas)
+
+    p = sub.add_parser("emulator", help="run the QNN API emulator")
+    add_emulator_arguments(p)
+    p.set_defaults(func=cmd_emulator)
+
+    p = sub.add_parser("summary", help="runs per type and status, latency and QNN cost")
+    p.add_argument("--prefix", default="", help="only request_ids starting with this")
+    p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser("db-url", help="print the database URL (starting the embedded one)")
+    p.set_defaults(func=cmd_db_url)
+
+    p = sub.add_parser("demo", help="emulator + worker + a sample batch, then a summary")
+    p.add_argument("--count", type=int, default=200)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

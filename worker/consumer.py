@@ -1,0 +1,177 @@
+"""Consumes `eglo.requests` and settles every delivery in one place.
+
+Settling rules: Ack → ack (the pipeline only says Ack after its commit). DeadLetter → a copy with
+the reason in headers is published to the dead-letter exchange and confirmed, then the original is
+acked. Delay → a copy with the next attempt number goes to a delay queue, confirmed, then ack.
+An unexpected error → reject with requeue; the queue's delivery limit stops an endless loop.
+Anything unsettled when the channel closes (crash, shutdown) is redelivered by the broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from typing import Any
+
+import aio_pika
+import structlog
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+
+from worker.metrics import Metrics
+from worker.pipeline import ATTEMPT_HEADER, Ack, DeadLetter, Decision, Delay, Delivery, Pipeline
+from worker.topology import DEAD_LETTER_EXCHANGE, REQUESTS_QUEUE, delay_queue_name
+
+log = structlog.get_logger(__name__)
+REASON_HEADER = "x-eglo-dead-letter-reason"
+DETAIL_HEADER = "x-eglo-dead-letter-detail"
+
+
+def to_delivery(message: AbstractIncomingMessage) -> Delivery:
+    timestamp = message.timestamp
+    if timestamp is not None and timestamp.tzinfo is None:
+        timestamp = timestamp.replace(tzinfo=UTC)
+    return Delivery(
+        body=message.body,
+        content_type=message.content_type,
+        headers=dict(message.headers or {}),
+        timestamp=timestamp,
+        reply_to=message.reply_to,
+        correlation_id=message.correlation_id,
+    )
+
+
+class Consumer:
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        consume_channel: AbstractChannel,
+        publish_channel: AbstractChannel,
+        metrics: Metrics,
+    ) -> None:
+        self._pipeline = pipeline
+        self._consume_channel = consume_channel
+        self._publish_channel = publish_channel
+        self._metrics = metrics
+        self._queue: AbstractQueue | None = None
+        self._consumer_tag: str | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
+    @property
+    def consuming(self) -> bool:
+        return self._consumer_tag is not None
+
+    async def start(self) -> None:
+        """Begin (or resume) taking deliveries."""
+        if self._consumer_tag is not None:
+            return
+        self._queue = await self._consume_channel.get_queue(REQUESTS_QUEUE, ensure=False)
+        self._consumer_tag = await self._queue.consume(self._on_message)
+        log.info("consumer.started", queue=REQUESTS_QUEUE)
+
+    async def pause(self) -> None:
+        """Stop taking new deliveries; those in flight carry on."""
+        if self._queue is None or self._consumer_tag is None:
+            return
+        tag, self._consumer_tag = self._consumer_tag, None
+        await self._queue.cancel(tag)
+        log.info("consumer.paused", in_flight=self.in_flight)
+
+    async def drain(self, grace_s: float) -> bool:
+        """Wait up to grace_s for in-flight work; True if all of it finished."""
+        try:
+            await asyncio.wait_for(self.idle.wait(), grace_s)
+        except TimeoutError:
+            return False
+        return True
+
+    async def abandon(self) -> None:
+        """Cancel in-flight work; its deliveries stay unacked and the broker redelivers them."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        task = asyncio.create_task(self._handle(message))
+        self._tasks.add(task)
+        self.idle.clear()
+        self._metrics.in_flight.set(len(self._tasks))
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._metrics.in_flight.set(len(self._tasks))
+        if not self._tasks:
+            self.idle.set()
+
+    async def _handle(self, message: AbstractIncomingMessage) -> None:
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(message_id=message.message_id)
+        try:
+            decision = await self._pipeline.handle(to_delivery(message))
+            await self._settle(message, decision)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("request.unexpected_error", redelivered=message.redelivered)
+            await asyncio.sleep(1.0)  # do not spin on a message that fails every time
+            await message.reject(requeue=True)
+
+    async def _settle(self, message: AbstractIncomingMessage, decision: Decision) -> None:
+        if isinstance(decision, DeadLetter):
+            self._metrics.dead_letters.labels(reason=decision.reason).inc()
+            await self._republish(
+                message,
+                DEAD_LETTER_EXCHANGE,
+                routing_key=message.routing_key or "",
+                extra_headers={
+                    REASON_HEADER: decision.reason,
+                    DETAIL_HEADER: decision.detail[:1000],
+                },
+            )
+            log.warning("request.dead_lettered", reason=decision.reason, detail=decision.detail)
+        elif isinstance(decision, Delay):
+            await self._republish(
+                message,
+                "",
+                routing_key=delay_queue_name(decision.delay_s),
+                extra_headers={ATTEMPT_HEADER: decision.attempt},
+            )
+        else:
+            assert isinstance(decision, Ack)
+        await message.ack()
+
+    async def _republish(
+        self,
+        message: AbstractIncomingMessage,
+        exchange_name: str,
+        *,
+        routing_key: str,
+        extra_headers: dict[str, object],
+    ) -> None:
+        headers: dict[str, Any] = dict(message.headers or {})
+        headers.update(extra_headers)
+        headers.setdefault("x-eglo-original-routing-key", message.routing_key or "")
+        headers["x-eglo-republished-at"] = datetime.now(UTC).isoformat()
+        copy = aio_pika.Message(
+            message.body,
+            headers=headers,
+            content_type=message.content_type,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=message.message_id,
+            correlation_id=message.correlation_id,
+            reply_to=message.reply_to,
+            timestamp=message.timestamp,
+            type=message.type,
+        )
+        exchange = (
+            self._publish_channel.default_exchange
+            if exchange_name == ""
+            else await self._publish_channel.get_exchange(exchange_name, ensure=False)
+        )
+        await exchange.publish(copy, routing_key=routing_key)

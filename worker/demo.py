@@ -1,0 +1,77 @@
+"""`eglo demo`: the whole pipeline on this machine, from a sample batch to a summary table."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+
+from db.migrate import migrate
+from db.pool import connect, database_url
+from producers.publisher import Publisher
+from producers.reader import parse_request
+from producers.sample import generate_requests
+from worker.processes import free_port, spawn, stop, wait_http_ok
+from worker.report import format_summary, summary
+from worker.settings import Settings
+
+
+async def _publish_and_wait(settings: Settings, db_url: str, prefix: str, count: int,
+                            within_s: float) -> str:
+    requests = [parse_request(r) for r in generate_requests(count, seed=7, id_prefix=prefix)]
+    async with Publisher.connect(settings.amqp_url.get_secret_value()) as publisher:
+        report = await publisher.publish_many(requests)
+    print(f"published {len(report.confirmed)} requests (confirmed by the broker)")
+    conn = await connect(db_url)
+    try:
+        deadline = time.monotonic() + within_s
+        done = 0
+        while time.monotonic() < deadline:
+            done = await conn.fetchval(
+                "SELECT count(*) FROM optimization_runs WHERE request_id LIKE $1", prefix + "-%")
+            if done >= len(report.confirmed):
+                break
+            await asyncio.sleep(0.5)
+        print(f"{done} of {len(report.confirmed)} requests stored\n")
+        table = format_summary(await summary(conn, prefix + "-"))
+        if done < len(report.confirmed):
+            raise SystemExit(f"timed out: only {done} of {len(report.confirmed)} stored\n{table}")
+        return table
+    finally:
+        await conn.close()
+
+
+async def _migrate(db_url: str) -> None:
+    conn = await connect(db_url)
+    try:
+        await migrate(conn)
+    finally:
+        await conn.close()
+
+
+def run_demo(settings: Settings, *, count: int) -> int:
+    db_url = database_url(settings)
+    asyncio.run(_migrate(db_url))
+    logs = settings.data_dir / "logs"
+    qnn_port, metrics_port = free_port(), free_port()
+    env = {"EGLO_DATABASE_URL": db_url, "EGLO_QNN_URL": f"http://127.0.0.1:{qnn_port}",
+           "EGLO_METRICS_PORT": str(metrics_port)}
+    emulator = spawn(["emulator", "--port", str(qnn_port), "--latency-ms", "20"], env,
+                     logs / "emulator.log")
+    worker = None
+    try:
+        wait_http_ok(f"http://127.0.0.1:{qnn_port}/api/v1/health/simple", process=emulator)
+        worker = spawn(["worker"], env, logs / "worker.log")
+        wait_http_ok(f"http://127.0.0.1:{metrics_port}/readyz", process=worker)
+        print(f"emulator on :{qnn_port}, worker metrics on :{metrics_port}, logs in {logs}/")
+        prefix = f"demo-{int(time.time())}"
+        table = asyncio.run(_publish_and_wait(settings, db_url, prefix, count, within_s=120))
+        print(table)
+    finally:
+        if worker is not None:
+            print(f"\nworker exited with {stop(worker)} after SIGTERM")
+        stop(emulator)
+    return 0
+
+
+

@@ -1,0 +1,101 @@
+"""Prometheus metrics: one registry per process, created at start and passed down."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Buckets span a fast emulator call (ms) to a slow quantum job (tens of seconds).
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+DB_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+OUTCOMES = ("completed", "failed", "expired", "duplicate", "dead_lettered", "delayed")
+
+
+class Metrics:
+    """Every metric eglo exports, prefixed `eglo_`, in base units."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.messages = Counter(
+            "eglo_messages",
+            "Request messages handled, by request type and outcome.",
+            ["request_type", "outcome"],
+            registry=r,
+        )
+        self.dead_letters = Counter(
+            "eglo_dead_letters",
+            "Messages sent to the dead-letter queue, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.processing = Histogram(
+            "eglo_processing_duration_seconds",
+            "From delivery to commit, by request type and outcome.",
+            ["request_type", "outcome"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.end_to_end = Histogram(
+            "eglo_end_to_end_duration_seconds",
+            "From the producer's AMQP timestamp to commit (needs producer clocks in sync).",
+            ["request_type"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.qnn_duration = Histogram(
+            "eglo_qnn_request_duration_seconds",
+            "One HTTP call to the QNN, by status.",
+            ["status"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.qnn_retries = Counter(
+            "eglo_qnn_retries",
+            "QNN calls retried in-process, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.qnn_cost = Counter(
+            "eglo_qnn_cost_usd",
+            "QNN cost reported for completed runs.",
+            ["model_id"],
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "eglo_in_flight_messages", "Deliveries being processed now.", registry=r
+        )
+        self.prefetch = Gauge("eglo_prefetch_messages", "Configured prefetch.", registry=r)
+        self.outbox_backlog = Gauge(
+            "eglo_outbox_backlog_events",
+            "Outbox events not yet confirmed by the broker.",
+            registry=r,
+        )
+        self.events_published = Counter(
+            "eglo_events_published",
+            "Events relayed from the outbox and confirmed.",
+            ["event_type"],
+            registry=r,
+        )
+        self.db_write = Histogram(
+            "eglo_db_write_duration_seconds",
+            "One batch transaction of run writes.",
+            buckets=DB_BUCKETS,
+            registry=r,
+        )
+        self.db_batch_size = Histogram(
+            "eglo_db_batch_size_runs",
+            "Runs committed per transaction.",
+            buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500),
+            registry=r,
+        )
+        self.db_errors = Counter(
+            "eglo_db_errors",
+            "Database operations that failed and were retried.",
+            ["operation"],
+            registry=r,
+        )
+        self.breaker_state = Gauge(
+            "eglo_qnn_circuit_state",
+            "QNN circuit breaker: 0 closed, 1 half-open, 2 open.",
+            registry=r,
+        )

@@ -1,0 +1,223 @@
+"""What to do with one delivery: validate, deduplicate, call the QNN, store the outcome.
+
+Returns a Decision; the consumer alone turns decisions into acks, dead letters and delays, so the
+rule "ack only after commit" lives in one place.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import asyncpg
+import stamina
+import structlog
+
+from contracts.requests import AnyRequest, request_fingerprint
+from worker.intake import Rejection, parse_request
+from worker.metrics import Metrics
+from worker.qnn import QnnClient, QnnRejected, QnnUnavailable
+from worker.records import RunRecord
+from worker.result_checks import InvalidResult, check_result
+from worker.settings import Settings
+from worker.store import RunStore, SaveResult
+
+log = structlog.get_logger(__name__)
+ATTEMPT_HEADER = "x-eglo-attempt"
+T = TypeVar("T")
+# Database errors worth waiting out: the server or the network is away, not the data wrong.
+DB_TRANSIENT = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.TooManyConnectionsError,
+    TimeoutError,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """The parts of an AMQP delivery the pipeline looks at (no aio-pika types, for testing)."""
+
+    body: bytes
+    content_type: str | None = None
+    headers: dict[str, Any] = field(default_factory=dict)
+    timestamp: datetime | None = None
+    reply_to: str | None = None
+    correlation_id: str | None = None
+
+    @property
+    def attempt(self) -> int:
+        """Delay-queue round trips so far (0 on first delivery)."""
+        value = self.headers.get(ATTEMPT_HEADER, 0)
+        return value if isinstance(value, int) and value >= 0 else 0
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    outcome: str  # completed | failed | expired | duplicate
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Delay:
+    attempt: int
+    delay_s: float
+    reason: str
+
+
+Decision = Ack | DeadLetter | Delay
+
+
+class Pipeline:
+    def __init__(
+        self, settings: Settings, qnn: QnnClient, store: RunStore, metrics: Metrics
+    ) -> None:
+        self._settings = settings
+        self._qnn = qnn
+        self._store = store
+        self._metrics = metrics
+
+    async def handle(self, delivery: Delivery) -> Decision:
+        started = time.perf_counter()
+        parsed = parse_request(
+            delivery.body, delivery.content_type, max_bytes=self._settings.max_body_bytes
+        )
+        if isinstance(parsed, Rejection):
+            log.warning("request.rejected", reason=parsed.reason, detail=parsed.detail)
+            return DeadLetter(parsed.reason, parsed.detail)
+        request = parsed
+        structlog.contextvars.bind_contextvars(
+            request_id=request.request_id, request_type=request.request_type
+        )
+        decision = await self._process(request, delivery)
+        outcome = (
+            decision.outcome
+            if isinstance(decision, Ack)
+            else ("dead_lettered" if isinstance(decision, DeadLetter) else "delayed")
+        )
+        self._metrics.messages.labels(request_type=request.request_type, outcome=outcome).inc()
+        self._metrics.processing.labels(request_type=request.request_type, outcome=outcome).observe(
+            time.perf_counter() - started
+        )
+        if delivery.timestamp is not None and isinstance(decision, Ack):
+            lag = (datetime.now(UTC) - delivery.timestamp).total_seconds()
+            self._metrics.end_to_end.labels(request_type=request.request_type).observe(max(lag, 0))
+        return decision
+
+    async def _process(self, request: AnyRequest, delivery: Delivery) -> Decision:
+        fingerprint = request_fingerprint(request)
+        stored = await self._with_db_retry(self._store.find, request.request_id)
+        if stored is not None:
+            return self._already_stored(stored.fingerprint == fingerprint, stored.run_id)
+
+        def record(**fields: Any) -> RunRecord:
+            return RunRecord(
+                request=request,
+                fingerprint=fingerprint,
+                attempts=delivery.attempt + 1,
+                published_at=delivery.timestamp,
+                reply_to=delivery.reply_to,
+                correlation_id=delivery.correlation_id,
+                **fields,
+            )
+
+        if request.deadline is not None and request.deadline <= datetime.now(UTC):
+            return await self._save(
+                record(
+                    status="expired",
+                    error_code="deadline_passed",
+                    error_message=f"deadline {request.deadline.isoformat()} had passed",
+                )
+            )
+        try:
+            answer = await self._qnn.predict(request)
+        except QnnRejected as exc:
+            return await self._save(
+                record(status="failed", error_code=exc.code, error_message=str(exc))
+            )
+        except QnnUnavailable as exc:
+            tiers = self._settings.retry_delays_s
+            if delivery.attempt < len(tiers):
+                log.info(
+                    "request.delayed",
+                    attempt=delivery.attempt + 1,
+                    delay_s=tiers[delivery.attempt],
+                    error=str(exc),
+                )
+                return Delay(delivery.attempt + 1, tiers[delivery.attempt], exc.code)
+            decision = await self._save(
+                record(status="failed", error_code=exc.code, error_message=str(exc))
+            )
+            # Stored as failed (and announced) above; the message itself is kept for replay.
+            return (
+                DeadLetter("retries_exhausted", str(exc)) if isinstance(decision, Ack) else decision
+            )
+        try:
+            result, metadata = check_result(request, answer.result, answer.metadata)
+        except InvalidResult as exc:
+            log.warning("qnn.result.invalid", error=str(exc))
+            return await self._save(
+                record(
+                    status="failed",
+                    error_code="qnn_invalid_result",
+                    error_message=str(exc),
+                    call_attempts=answer.call_attempts,
+                    round_trip_ms=answer.round_trip_ms,
+                )
+            )
+        decision = await self._save(
+            record(
+                status="completed",
+                result=result,
+                metadata=metadata,
+                call_attempts=answer.call_attempts,
+                round_trip_ms=answer.round_trip_ms,
+            )
+        )
+        if isinstance(decision, Ack) and decision.outcome == "completed" and metadata.cost_usd:
+            self._metrics.qnn_cost.labels(model_id=metadata.model_id or "unknown").inc(
+                metadata.cost_usd
+            )
+        return decision
+
+    async def _save(self, record: RunRecord) -> Decision:
+        result = await self._with_db_retry(self._store.save, record)
+        if result is SaveResult.INSERTED:
+            log.info("run.stored", run_id=str(record.run_id), status=record.status)
+            return Ack(record.status)
+        return self._already_stored(result is SaveResult.DUPLICATE, None)
+
+    def _already_stored(self, same_payload: bool, run_id: str | None) -> Decision:
+        if same_payload:
+            log.info("request.duplicate", run_id=run_id)
+            return Ack("duplicate")
+        return DeadLetter(
+            "request_id_conflict", "request_id was already used for a different request"
+        )
+
+    async def _with_db_retry(self, op: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """Wait out a database outage: the message stays unacked meanwhile, so nothing is lost."""
+        async for attempt in stamina.retry_context(
+            on=self._db_transient, attempts=None, timeout=None, wait_initial=0.2, wait_max=5.0
+        ):
+            with attempt:
+                return await op(*args)
+        raise AssertionError("unreachable")
+
+    def _db_transient(self, exc: Exception) -> bool:
+        if isinstance(exc, DB_TRANSIENT):
+            self._metrics.db_errors.labels(operation="retry").inc()
+            log.warning("db.unavailable", error=repr(exc)[:200])
+            return True
+        return False

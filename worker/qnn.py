@@ -1,0 +1,177 @@
+"""The QNN prediction API client: one pooled httpx client, retries with backoff and Retry-After."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import httpx
+import stamina
+import structlog
+from httpx_aiohttp import AiohttpTransport
+
+from contracts.qnn import (
+    HEALTH_PATH,
+    PREDICT_PATH,
+    MalformedResponse,
+    build_predict_body,
+    parse_predict_response,
+)
+from contracts.requests import AnyRequest
+from worker.metrics import Metrics
+from worker.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+
+class QnnError(Exception):
+    """Base of what a QNN call can end in, other than an answer."""
+
+    code = "qnn_error"
+
+
+class QnnRejected(QnnError):
+    """A 4xx the API means: this request will never succeed as sent."""
+
+    code = "qnn_rejected"
+
+
+class QnnUnavailable(QnnError):
+    """Transient failures outlasted the in-process retry budget."""
+
+    code = "qnn_unavailable"
+
+
+class _Transient(Exception):
+    """One try failed in a way worth retrying; carries the server's Retry-After, if any."""
+
+    def __init__(self, reason: str, retry_after_s: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+
+
+@dataclass(frozen=True, slots=True)
+class QnnAnswer:
+    result: dict[str, Any]
+    metadata: dict[str, Any]
+    call_attempts: int
+    round_trip_ms: float
+
+
+def retry_after_seconds(value: str | None, *, cap_s: float) -> float | None:
+    """Parse Retry-After (delta-seconds or HTTP-date), capped so a bad header cannot stall us."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError):
+            return None
+    return min(max(seconds, 0.0), cap_s)
+
+
+def make_http_client(settings: Settings) -> httpx.AsyncClient:
+    """One client for the process. The aiohttp transport: httpx's own pool collapses under load."""
+    headers = {"User-Agent": "eglo/0.1"}
+    if settings.qnn_api_key is not None:
+        headers["Authorization"] = f"Bearer {settings.qnn_api_key.get_secret_value()}"
+    limits = httpx.Limits(
+        max_connections=settings.qnn_max_connections,
+        max_keepalive_connections=settings.qnn_max_connections,
+    )
+    transport: httpx.AsyncBaseTransport = (
+        AiohttpTransport(limits=limits)
+        if settings.qnn_http_transport == "aiohttp"
+        else httpx.AsyncHTTPTransport(limits=limits)
+    )
+    return httpx.AsyncClient(
+        base_url=settings.qnn_url,
+        headers=headers,
+        timeout=httpx.Timeout(settings.qnn_timeout_s),
+        transport=transport,
+    )
+
+
+class QnnClient:
+    """Calls the QNN; the only place that knows HTTP status codes."""
+
+    def __init__(self, http: httpx.AsyncClient, settings: Settings, metrics: Metrics) -> None:
+        self._http = http
+        self._settings = settings
+        self._metrics = metrics
+
+    def _backoff(self, exc: Exception) -> bool | float:
+        if isinstance(exc, _Transient):
+            self._metrics.qnn_retries.labels(reason=exc.reason).inc()
+            return exc.retry_after_s if exc.retry_after_s is not None else True
+        return False
+
+    async def predict(self, request: AnyRequest) -> QnnAnswer:
+        s = self._settings
+        body = build_predict_body(
+            request,
+            model_id=s.qnn_model_id,
+            mode=s.qnn_mode,
+            optimization_level=s.qnn_optimization_level,
+        )
+        started = time.perf_counter()
+        tries = 0
+        try:
+            async for attempt in stamina.retry_context(
+                on=self._backoff,
+                attempts=s.qnn_attempts,
+                timeout=s.qnn_budget_s,
+                wait_initial=s.qnn_backoff_initial_s,
+                wait_max=s.qnn_backoff_max_s,
+                wait_jitter=s.qnn_backoff_initial_s,
+            ):
+                with attempt:
+                    tries += 1
+                    result, metadata = await self._try_once(request.request_type, body)
+        except _Transient as exc:
+            raise QnnUnavailable(f"QNN unavailable after {tries} tries: {exc.reason}") from None
+        return QnnAnswer(result, metadata, tries, (time.perf_counter() - started) * 1000)
+
+    async def _try_once(
+        self, request_type: str, body: dict[str, Any]
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        started = time.perf_counter()
+        status = "error"
+        try:
+            response = await self._http.post(PREDICT_PATH, json=body)
+            status = str(response.status_code)
+        except httpx.TimeoutException:
+            status = "timeout"
+            raise _Transient("timeout") from None
+        except httpx.TransportError as exc:
+            raise _Transient(f"transport:{type(exc).__name__}") from None
+        finally:
+            self._metrics.qnn_duration.labels(status=status).observe(time.perf_counter() - started)
+        code = response.status_code
+        if code == 429 or code == 408 or code >= 500:
+            cap = self._settings.qnn_retry_after_max_s
+            raise _Transient(
+                f"http_{code}", retry_after_seconds(response.headers.get("Retry-After"), cap_s=cap)
+            )
+        if code >= 400:
+            raise QnnRejected(f"QNN answered {code}: {response.text[:300]}")
+        try:
+            return parse_predict_response(request_type, response.content)
+        except MalformedResponse as exc:
+            # A body that is not even well-formed is a glitch (a proxy page, a cut connection).
+            log.warning("qnn.response.malformed", error=str(exc)[:200])
+            raise _Transient("malformed_body") from None
+
+    async def healthy(self) -> bool:
+        try:
+            response = await self._http.get(
+                HEALTH_PATH, timeout=min(5.0, self._settings.qnn_timeout_s)
+            )
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200

@@ -1,0 +1,103 @@
+"""What one processed request becomes: the run row, its metrics row and its events (pure)."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from contracts.events import (
+    EMBEDDING_REQUESTED,
+    EmbeddingRequested,
+    RunOutcome,
+    RunStatus,
+    outcome_routing_key,
+)
+from contracts.requests import AnyRequest
+from contracts.results import ExecutionMetadata
+from worker.topology import EVENTS_EXCHANGE
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxEvent:
+    event_id: uuid.UUID
+    exchange: str
+    routing_key: str
+    body: bytes
+    correlation_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RunRecord:
+    """A terminal outcome for one request, ready to be written in one transaction."""
+
+    request: AnyRequest
+    fingerprint: str
+    status: RunStatus
+    attempts: int
+    run_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    result: dict[str, Any] | None = None
+    metadata: ExecutionMetadata | None = None
+    call_attempts: int = 0
+    round_trip_ms: float | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    published_at: datetime | None = None
+    reply_to: str | None = None
+    correlation_id: str | None = None
+    occurred_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    def events(self) -> list[OutboxEvent]:
+        """The outcome event (and its reply_to copy), plus embedding.requested on completion."""
+        req = self.request
+        outcome = RunOutcome(
+            event_id=_event_id(self.run_id, "outcome"),
+            event_type=outcome_routing_key(self.status, req.request_type),
+            occurred_at=self.occurred_at,
+            run_id=self.run_id,
+            request_id=req.request_id,
+            request_type=req.request_type,
+            status=self.status,
+            region=req.region,
+            forecast_date=req.forecast_date,
+            attempts=self.attempts,
+            result=self.result,
+            execution=self.metadata,
+            error_code=self.error_code,
+            error_message=self.error_message,
+        )
+        body = _dump(outcome)
+        events = [OutboxEvent(outcome.event_id, EVENTS_EXCHANGE, outcome.event_type, body)]
+        if self.reply_to:
+            events.append(
+                OutboxEvent(
+                    _event_id(self.run_id, "reply"), "", self.reply_to, body, self.correlation_id
+                )
+            )
+        if self.status == "completed":
+            requested = EmbeddingRequested(
+                event_id=_event_id(self.run_id, EMBEDDING_REQUESTED),
+                event_type=EMBEDDING_REQUESTED,
+                occurred_at=self.occurred_at,
+                run_id=self.run_id,
+                request_id=req.request_id,
+                request_type=req.request_type,
+            )
+            events.append(
+                OutboxEvent(
+                    requested.event_id, EVENTS_EXCHANGE, EMBEDDING_REQUESTED, _dump(requested)
+                )
+            )
+        return events
+
+
+def _event_id(run_id: uuid.UUID, kind: str) -> uuid.UUID:
+    # Derived, not random: the same run always yields the same event ids.
+    return uuid.uuid5(run_id, kind)
+
+
+def _dump(event: RunOutcome | EmbeddingRequested) -> bytes:
+    return orjson.dumps(event.model_dump(mode="json", exclude_none=True))

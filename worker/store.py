@@ -1,0 +1,253 @@
+"""Writes runs, their metrics and their outbox events, many requests per transaction.
+
+Commits are the cost of a run (fsync), so concurrent requests share them: whatever is waiting when
+a writer becomes free goes into one transaction. At low load that is a batch of one and no added
+latency; under load, batches grow by themselves. Every caller learns its own outcome only after the
+commit, which is what lets the consumer ack after commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import asyncpg
+import orjson
+import structlog
+
+from worker.metrics import Metrics
+from worker.records import RunRecord
+
+log = structlog.get_logger(__name__)
+
+
+class SaveResult(enum.Enum):
+    INSERTED = "inserted"
+    DUPLICATE = "duplicate"  # the same request was stored before: drop this delivery
+    CONFLICT = "conflict"  # the request_id was stored before with a different payload
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRun:
+    run_id: str
+    fingerprint: str
+    status: str
+
+
+_INSERT_RUNS = """
+INSERT INTO optimization_runs (
+    id, request_id, request_type, region, forecast_date, input_payload, request_fingerprint,
+    result_payload, status, error_code, error_message, qnn_model_id, qnn_execution_time,
+    attempts, published_at)
+SELECT id, request_id, request_type, region, forecast_date, input_payload::jsonb, fingerprint,
+       result_payload::jsonb, status, error_code, error_message, model_id, execution_s,
+       attempts, published_at
+FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::date[], $6::text[], $7::text[],
+            $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::float8[],
+            $14::int[], $15::timestamptz[])
+     AS t(id, request_id, request_type, region, forecast_date, input_payload, fingerprint,
+          result_payload, status, error_code, error_message, model_id, execution_s,
+          attempts, published_at)
+ON CONFLICT (request_id) DO NOTHING
+RETURNING id
+"""
+
+_INSERT_METRICS = """
+INSERT INTO qnn_execution_metrics (
+    optimization_run_id, model_id, device_used, circuit_depth, n_qubits, execution_time_ms,
+    quantum_cost_usd, call_attempts, round_trip_ms)
+SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int[], $5::int[], $6::float8[],
+                     $7::float8[], $8::int[], $9::float8[])
+"""
+
+_INSERT_OUTBOX = """
+INSERT INTO outbox (event_id, exchange, routing_key, body, correlation_id)
+SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bytea[], $5::text[])
+"""
+
+_FIND = """
+SELECT request_id, id::text AS run_id, request_fingerprint, status
+FROM optimization_runs WHERE request_id = ANY($1::text[])
+"""
+
+
+def _json(value: object) -> str | None:
+    return None if value is None else orjson.dumps(value).decode()
+
+
+class RunStore:
+    """Group-committing writer of run records; `save` returns once its record is committed."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        metrics: Metrics,
+        *,
+        batch_max: int,
+        writers: int,
+        on_commit: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._pool = pool
+        self._metrics = metrics
+        self._batch_max = batch_max
+        self._writer_count = writers
+        self._on_commit = on_commit
+        self._queue: asyncio.Queue[tuple[RunRecord, asyncio.Future[SaveResult]]] = asyncio.Queue()
+        self._writers: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        self._writers = [
+            asyncio.create_task(self._write_loop(), name=f"store-writer-{i}")
+            for i in range(self._writer_count)
+        ]
+
+    async def close(self) -> None:
+        for task in self._writers:
+            task.cancel()
+        await asyncio.gather(*self._writers, return_exceptions=True)
+        while not self._queue.empty():
+            _, future = self._queue.get_nowait()
+            if not future.done():
+                future.set_exception(RuntimeError("store closed before commit"))
+
+    async def find(self, request_id: str) -> StoredRun | None:
+        row = await self._pool.fetchrow(_FIND, [request_id])
+        if row is None:
+            return None
+        return StoredRun(row["run_id"], row["request_fingerprint"], row["status"])
+
+    async def save(self, record: RunRecord) -> SaveResult:
+        future: asyncio.Future[SaveResult] = asyncio.get_running_loop().create_future()
+        await self._queue.put((record, future))
+        return await future
+
+    async def _write_loop(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < self._batch_max and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            # A caller cancelled while waiting (shutdown) must not be written: it will not ack.
+            batch = [(r, f) for r, f in batch if not f.done()]
+            if not batch:
+                continue
+            started = time.perf_counter()
+            try:
+                results = await self._write_isolating_bad_rows([r for r, _ in batch])
+            except asyncio.CancelledError:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(RuntimeError("store closed before commit"))
+                raise
+            except Exception as exc:  # noqa: BLE001 - every caller gets the failure and retries
+                self._metrics.db_errors.labels(operation="write_runs").inc()
+                log.warning("db.batch.failed", size=len(batch), error=repr(exc)[:300])
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            self._metrics.db_write.observe(time.perf_counter() - started)
+            self._metrics.db_batch_size.observe(len(batch))
+            for (_, future), result in zip(batch, results, strict=True):
+                if future.done():
+                    continue
+                if isinstance(result, Exception):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
+            self._on_commit()
+
+    async def _write_isolating_bad_rows(
+        self, records: list[RunRecord]
+    ) -> list[SaveResult | Exception]:
+        """Write the batch; if a row breaks a constraint, write one by one so only it fails."""
+        try:
+            return list(await self._write(records))
+        except asyncpg.IntegrityConstraintViolationError:
+            if len(records) == 1:
+                raise
+        results: list[SaveResult | Exception] = []
+        for record in records:
+            try:
+                results.extend(await self._write([record]))
+            except asyncpg.IntegrityConstraintViolationError as exc:
+                log.error("db.row.rejected", request_id=record.request.request_id, error=str(exc))
+                results.append(exc)
+        return results
+
+    async def _write(self, records: list[RunRecord]) -> list[SaveResult]:
+        async with self._pool.acquire() as conn, conn.transaction():
+            inserted_ids = {
+                row["id"] for row in await conn.fetch(_INSERT_RUNS, *_run_columns(records))
+            }
+            inserted = [r for r in records if r.run_id in inserted_ids]
+            with_metrics = [r for r in inserted if r.metadata is not None or r.call_attempts]
+            if with_metrics:
+                await conn.execute(_INSERT_METRICS, *_metric_columns(with_metrics))
+            events = [e for r in inserted for e in r.events()]
+            if events:
+                await conn.execute(
+                    _INSERT_OUTBOX,
+                    [e.event_id for e in events],
+                    [e.exchange for e in events],
+                    [e.routing_key for e in events],
+                    [e.body for e in events],
+                    [e.correlation_id for e in events],
+                )
+            existing: dict[str, str] = {}
+            others = [r.request.request_id for r in records if r.run_id not in inserted_ids]
+            if others:
+                existing = {
+                    row["request_id"]: row["request_fingerprint"]
+                    for row in await conn.fetch(_FIND, others)
+                }
+        return [
+            SaveResult.INSERTED
+            if r.run_id in inserted_ids
+            else SaveResult.DUPLICATE
+            if existing.get(r.request.request_id) == r.fingerprint
+            else SaveResult.CONFLICT
+            for r in records
+        ]
+
+
+def _run_columns(records: list[RunRecord]) -> list[list[object]]:
+    return [
+        [r.run_id for r in records],
+        [r.request.request_id for r in records],
+        [r.request.request_type for r in records],
+        [r.request.region for r in records],
+        [r.request.forecast_date for r in records],
+        [_json(r.request.model_dump(mode="json")) for r in records],
+        [r.fingerprint for r in records],
+        [_json(r.result) for r in records],
+        [r.status for r in records],
+        [r.error_code for r in records],
+        [r.error_message for r in records],
+        [r.metadata.model_id if r.metadata else None for r in records],
+        [
+            r.metadata.execution_time_ms / 1000
+            if r.metadata and r.metadata.execution_time_ms is not None
+            else None
+            for r in records
+        ],
+        [r.attempts for r in records],
+        [r.published_at for r in records],
+    ]
+
+
+def _metric_columns(records: list[RunRecord]) -> list[list[object]]:
+    meta = [r.metadata for r in records]
+    return [
+        [r.run_id for r in records],
+        [m.model_id if m else None for m in meta],
+        [m.device if m else None for m in meta],
+        [m.circuit_depth if m else None for m in meta],
+        [m.n_qubits if m else None for m in meta],
+        [m.execution_time_ms if m else None for m in meta],
+        [m.cost_usd if m else None for m in meta],
+        [r.call_attempts for r in records],
+        [r.round_trip_ms for r in records],
+    ]
