@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import time
 
-
 from db.migrate import migrate
 from db.pool import connect, database_url
 from producers.publisher import Publisher
@@ -16,8 +15,9 @@ from worker.report import format_summary, summary
 from worker.settings import Settings
 
 
-async def _publish_and_wait(settings: Settings, db_url: str, prefix: str, count: int,
-                            within_s: float) -> str:
+async def _publish_and_wait(
+    settings: Settings, db_url: str, prefix: str, count: int, within_s: float
+) -> str:
     requests = [parse_request(r) for r in generate_requests(count, seed=7, id_prefix=prefix)]
     async with Publisher.connect(settings.amqp_url.get_secret_value()) as publisher:
         report = await publisher.publish_many(requests)
@@ -28,7 +28,8 @@ async def _publish_and_wait(settings: Settings, db_url: str, prefix: str, count:
         done = 0
         while time.monotonic() < deadline:
             done = await conn.fetchval(
-                "SELECT count(*) FROM optimization_runs WHERE request_id LIKE $1", prefix + "-%")
+                "SELECT count(*) FROM optimization_runs WHERE request_id LIKE $1", prefix + "-%"
+            )
             if done >= len(report.confirmed):
                 break
             await asyncio.sleep(0.5)
@@ -54,10 +55,14 @@ def run_demo(settings: Settings, *, count: int) -> int:
     asyncio.run(_migrate(db_url))
     logs = settings.data_dir / "logs"
     qnn_port, metrics_port = free_port(), free_port()
-    env = {"EGLO_DATABASE_URL": db_url, "EGLO_QNN_URL": f"http://127.0.0.1:{qnn_port}",
-           "EGLO_METRICS_PORT": str(metrics_port)}
-    emulator = spawn(["emulator", "--port", str(qnn_port), "--latency-ms", "20"], env,
-                     logs / "emulator.log")
+    env = {
+        "EGLO_DATABASE_URL": db_url,
+        "EGLO_QNN_URL": f"http://127.0.0.1:{qnn_port}",
+        "EGLO_METRICS_PORT": str(metrics_port),
+    }
+    emulator = spawn(
+        ["emulator", "--port", str(qnn_port), "--latency-ms", "20"], env, logs / "emulator.log"
+    )
     worker = None
     try:
         wait_http_ok(f"http://127.0.0.1:{qnn_port}/api/v1/health/simple", process=emulator)
@@ -72,6 +77,3 @@ def run_demo(settings: Settings, *, count: int) -> int:
             print(f"\nworker exited with {stop(worker)} after SIGTERM")
         stop(emulator)
     return 0
-
-
-

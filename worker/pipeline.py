@@ -95,24 +95,22 @@ class Pipeline:
         )
         if isinstance(parsed, Rejection):
             log.warning("request.rejected", reason=parsed.reason, detail=parsed.detail)
-            return DeadLetter(parsed.reason, parsed.detail)
-        request = parsed
-        structlog.contextvars.bind_contextvars(
-            request_id=request.request_id, request_type=request.request_type
-        )
-        decision = await self._process(request, delivery)
-        outcome = (
-            decision.outcome
-            if isinstance(decision, Ack)
-            else ("dead_lettered" if isinstance(decision, DeadLetter) else "delayed")
-        )
-        self._metrics.messages.labels(request_type=request.request_type, outcome=outcome).inc()
-        self._metrics.processing.labels(request_type=request.request_type, outcome=outcome).observe(
+            decision: Decision = DeadLetter(parsed.reason, parsed.detail)
+            request_type = "unknown"  # nothing about an unparseable message can be trusted
+        else:
+            structlog.contextvars.bind_contextvars(
+                request_id=parsed.request_id, request_type=parsed.request_type
+            )
+            decision = await self._process(parsed, delivery)
+            request_type = parsed.request_type
+        outcome = _outcome(decision)
+        self._metrics.messages.labels(request_type=request_type, outcome=outcome).inc()
+        self._metrics.processing.labels(request_type=request_type, outcome=outcome).observe(
             time.perf_counter() - started
         )
         if delivery.timestamp is not None and isinstance(decision, Ack):
             lag = (datetime.now(UTC) - delivery.timestamp).total_seconds()
-            self._metrics.end_to_end.labels(request_type=request.request_type).observe(max(lag, 0))
+            self._metrics.end_to_end.labels(request_type=request_type).observe(max(lag, 0))
         return decision
 
     async def _process(self, request: AnyRequest, delivery: Delivery) -> Decision:
@@ -221,3 +219,9 @@ class Pipeline:
             log.warning("db.unavailable", error=repr(exc)[:200])
             return True
         return False
+
+
+def _outcome(decision: Decision) -> str:
+    if isinstance(decision, Ack):
+        return decision.outcome
+    return "dead_lettered" if isinstance(decision, DeadLetter) else "delayed"

@@ -26,12 +26,15 @@ def spawn(args: list[str], env: Mapping[str, str], log_path: Path) -> subprocess
     log = open(log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
     return subprocess.Popen(
         [sys.executable, "-m", "worker.cli", *args],
-        env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
+        env={**os.environ, **env},
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
 
 
-def wait_http_ok(url: str, *, within_s: float = 30.0,
-                 process: subprocess.Popen[bytes] | None = None) -> None:
+def wait_http_ok(
+    url: str, *, within_s: float = 30.0, process: subprocess.Popen[bytes] | None = None
+) -> None:
     deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:

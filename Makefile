@@ -1,0 +1,31 @@
+# eglo: every command a new machine needs. Only Python 3.11+ and a local RabbitMQ are assumed.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test unit lint chaos bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## demo: emulator + worker + a sample batch of all four types, then a summary table
+demo: install
+	$(BIN)/eglo migrate
+	$(BIN)/eglo demo --count 200
+
+## test: lint, type checks and the whole suite (real broker, real Postgres, real emulator)
+test: install lint
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check worker producers contracts db qnn_emulator tests
+	$(BIN)/mypy worker producers contracts db qnn_emulator
+
+clean:
+	rm -rf $(VENV) .eglo .pytest_cache .mypy_cache .ruff_cache
