@@ -147,3 +147,32 @@ async def _queue(amqp: AbstractRobustConnection, name: str) -> aio_pika.abc.Abst
 
 async def _depth_is(amqp: AbstractRobustConnection, name: str, depth: int) -> bool:
     return await queue_depth(amqp, name) == depth
+
+
+async def test_flaky_qnn_every_request_still_completes(
+    amqp_url: str, database_url: str, pool: asyncpg.Pool
+) -> None:
+    """At 20% 5xx and 10% 429 every request completes, and the retry counter shows why."""
+    from qnn_emulator.server import running_emulator
+    from qnn_emulator.settings import EmulatorSettings
+
+    flaky = EmulatorSettings(error_rate=0.2, throttle_rate=0.1, retry_after_s=1, seed=42)
+    requests = generate_requests(200, seed=77, id_prefix="flaky")
+    async with running_emulator(flaky) as qnn_url:
+        settings = make_settings(amqp_url, database_url, qnn_url)
+        async with running_worker(settings) as worker, Publisher.connect(amqp_url) as publisher:
+            await publisher.publish_many(parse_request(r) for r in requests)
+            await wait_for(lambda: pool.fetchval("SELECT count(*) = 200 FROM optimization_runs"))
+            samples = await scrape(worker.metrics_port or 0)
+    assert await pool.fetchval(
+        "SELECT count(*) FROM optimization_runs WHERE status = 'completed'") == 200
+    retries = {labels: v for (name, labels), v in samples.items()
+               if name == "eglo_qnn_retries_total" and v}
+    assert metric(samples, "eglo_qnn_retries_total", reason="http_429") > 0
+    assert metric(samples, "eglo_qnn_retries_total") > 200 * 0.3 * 0.5, retries
+    assert any(dict(labels)["reason"].startswith("http_5") for labels in retries)
+    # Every retried call shows up as a QNN call with its HTTP status.
+    assert metric(samples, "eglo_qnn_request_duration_seconds_count", status="429") > 0
+    # Stored call counts cover the final delivery only; a rare delay-tier trip adds retries.
+    total_calls = await pool.fetchval("SELECT sum(call_attempts) FROM qnn_execution_metrics")
+    assert 200 < total_calls <= 200 + metric(samples, "eglo_qnn_retries_total")

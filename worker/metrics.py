@@ -8,6 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 DB_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 OUTCOMES = ("completed", "failed", "expired", "duplicate", "dead_lettered", "delayed")
+REQUEST_TYPES = ("forecast", "storage", "grid_switch", "simulation", "unknown")
 
 
 class Metrics:
