@@ -20,6 +20,7 @@ from aio_pika.abc import AbstractRobustConnection
 
 from db.pool import create_pool, database_url
 from worker import http, topology
+from worker.breaker import CircuitBreaker, State
 from worker.consumer import Consumer
 from worker.metrics import Metrics
 from worker.outbox import OutboxRelay
@@ -100,13 +101,29 @@ class Worker:
                 on_commit=relay.wake,
             )
             async with make_http_client(settings) as http_client:
-                qnn = QnnClient(http_client, settings, metrics)
+                breaker = CircuitBreaker(
+                    failure_threshold=settings.breaker_failure_threshold,
+                    probe_interval_s=settings.breaker_probe_interval_s,
+                    probe=lambda: qnn.healthy(),
+                )
+                qnn = QnnClient(http_client, settings, metrics, breaker)
                 consumer = Consumer(
                     Pipeline(settings, qnn, store, metrics),
                     consume_channel,
                     publish_channel,
                     metrics,
                 )
+
+                async def follow_breaker(state: State) -> None:
+                    metrics.breaker_state.set(state.value)
+                    if self.stop_requested.is_set():
+                        return
+                    if state is State.OPEN:
+                        await consumer.pause()
+                    else:
+                        await consumer.start()
+
+                breaker.subscribe(follow_breaker)
 
                 def ready() -> tuple[bool, str]:
                     if res.connection.is_closed:
@@ -120,6 +137,10 @@ class Worker:
                 )
                 store.start()
                 relay_task = asyncio.create_task(relay.run(), name="outbox-relay")
+                watch_task = asyncio.create_task(
+                    _watch_queues(res.connection, metrics, _queue_names(settings)),
+                    name="queue-watch",
+                )
                 try:
                     await consumer.start()
                     log.info(
@@ -141,9 +162,11 @@ class Worker:
                         log.warning("worker.drain.timeout", abandoned=consumer.in_flight)
                         await consumer.abandon()
                 finally:
+                    await breaker.close()
                     await store.close()
                     relay_task.cancel()
-                    await asyncio.gather(relay_task, return_exceptions=True)
+                    watch_task.cancel()
+                    await asyncio.gather(relay_task, watch_task, return_exceptions=True)
                     with contextlib.suppress(Exception):
                         await asyncio.wait_for(relay.flush(), timeout=5.0)
                     await runner.cleanup()
@@ -160,6 +183,29 @@ async def run_worker(settings: Settings, *, burst: bool = False) -> int:
     return await worker.run(burst=burst)
 
 
+def _queue_names(settings: Settings) -> list[str]:
+    delay_queues = [topology.delay_queue_name(d) for d in settings.retry_delays_s]
+    return [topology.REQUESTS_QUEUE, topology.DEAD_LETTER_QUEUE, *delay_queues]
+
+
+async def _watch_queues(
+    connection: AbstractRobustConnection, metrics: Metrics, names: list[str]
+) -> None:
+    """Export queue depths, so alerts need no broker plugin to see a stuck backlog."""
+    while True:
+        try:
+            async with connection.channel() as channel:
+                for name in names:
+                    queue = await channel.declare_queue(name, passive=True)
+                    depth = queue.declaration_result.message_count or 0
+                    metrics.queue_messages.labels(queue=name).set(depth)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a broker blip must not end the watch
+            log.debug("queue.watch.failed", error=repr(exc)[:200])
+        await asyncio.sleep(5.0)
+
+
 async def _until_no_work(
     connection: AbstractRobustConnection,
     consumer: Consumer,
@@ -167,9 +213,7 @@ async def _until_no_work(
     stop: asyncio.Event,
 ) -> None:
     """Burst mode: return once the queue and delay queues are empty and nothing is in flight."""
-    names = [topology.REQUESTS_QUEUE] + [
-        topology.delay_queue_name(d) for d in settings.retry_delays_s
-    ]
+    names = [n for n in _queue_names(settings) if n != topology.DEAD_LETTER_QUEUE]
     quiet_checks = 0
     while not stop.is_set():
         idle = consumer.in_flight == 0 and await _queue_depth(connection, names) == 0

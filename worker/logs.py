@@ -36,6 +36,9 @@ def _scrubber(secrets: tuple[str, ...]) -> structlog.types.Processor:
 
 def configure(level: str = "INFO", *, json: bool = True, secrets: tuple[str, ...] = ()) -> None:
     logging.basicConfig(format="%(message)s", stream=sys.stderr, level=level.upper())
+    # Per-request INFO lines from the HTTP and AMQP libraries would drown eglo's own events.
+    for noisy in ("httpx", "aio_pika", "aiormq"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     renderer: structlog.types.Processor = (
         structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
     )

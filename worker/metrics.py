@@ -100,3 +100,25 @@ class Metrics:
             "QNN circuit breaker: 0 closed, 1 half-open, 2 open.",
             registry=r,
         )
+        self.queue_messages = Gauge(
+            "eglo_queue_messages",
+            "Messages ready in eglo's queues, as the broker reports them.",
+            ["queue"],
+            registry=r,
+        )
+        self.anomalies = Counter(
+            "eglo_anomalies_detected",
+            "Anomalies detected in completed runs.",
+            ["severity", "anomaly_type"],
+            registry=r,
+        )
+        self.embeddings = Counter(
+            "eglo_embeddings_stored",
+            "Scenario embeddings stored, by embedding model.",
+            ["model"],
+            registry=r,
+        )
+        # Series that exist from the start, so dashboards and alerts see zeros, not gaps.
+        for request_type in REQUEST_TYPES:
+            for outcome in OUTCOMES:
+                self.messages.labels(request_type=request_type, outcome=outcome)

@@ -20,6 +20,7 @@ from contracts.qnn import (
     parse_predict_response,
 )
 from contracts.requests import AnyRequest
+from worker.breaker import CircuitBreaker
 from worker.metrics import Metrics
 from worker.settings import Settings
 
@@ -100,10 +101,17 @@ def make_http_client(settings: Settings) -> httpx.AsyncClient:
 class QnnClient:
     """Calls the QNN; the only place that knows HTTP status codes."""
 
-    def __init__(self, http: httpx.AsyncClient, settings: Settings, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        settings: Settings,
+        metrics: Metrics,
+        breaker: CircuitBreaker | None = None,
+    ) -> None:
         self._http = http
         self._settings = settings
         self._metrics = metrics
+        self._breaker = breaker
 
     def _backoff(self, exc: Exception) -> bool | float:
         if isinstance(exc, _Transient):
@@ -131,6 +139,8 @@ class QnnClient:
                 wait_jitter=s.qnn_backoff_initial_s,
             ):
                 with attempt:
+                    if self._breaker is not None:
+                        await self._breaker.wait_callable()
                     tries += 1
                     result, metadata = await self._try_once(request.request_type, body)
         except _Transient as exc:
@@ -138,6 +148,20 @@ class QnnClient:
         return QnnAnswer(result, metadata, tries, (time.perf_counter() - started) * 1000)
 
     async def _try_once(
+        self, request_type: str, body: dict[str, Any]
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        try:
+            answer = await self._call(request_type, body)
+        except _Transient as exc:
+            # Throttling means the API is up and asking us to slow down, not that it is broken.
+            if self._breaker is not None and exc.reason != "http_429":
+                self._breaker.record_failure()
+            raise
+        if self._breaker is not None:
+            self._breaker.record_success()
+        return answer
+
+    async def _call(
         self, request_type: str, body: dict[str, Any]
     ) -> tuple[dict[str, Any], dict[str, Any]]:
         started = time.perf_counter()

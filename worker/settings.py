@@ -35,6 +35,11 @@ class Settings(BaseSettings):
     qnn_retry_after_max_s: float = Field(default=30.0, ge=0)
     qnn_budget_s: float = Field(default=60.0, gt=0, description="Wall time for in-process tries.")
 
+    breaker_failure_threshold: int = Field(
+        default=20, ge=1, description="Consecutive failed QNN calls that open the circuit."
+    )
+    breaker_probe_interval_s: float = Field(default=2.0, gt=0)
+
     retry_delays_s: list[float] = Field(
         default=[5.0, 30.0, 300.0],
         description="Delay-queue tiers after the in-process budget is spent; then the DLQ.",
