@@ -88,7 +88,8 @@ async def test_worker_pauses_while_qnn_down_and_loses_nothing(
             await wait_for(lambda: _breaker_state(port, 0))
     statuses = await pool.fetch("SELECT status, count(*) FROM optimization_runs GROUP BY 1")
     assert {r["status"]: r["count"] for r in statuses} == {"completed": 30}
-    assert max(r["attempts"] for r in await pool.fetch("SELECT attempts FROM optimization_runs")) == 1
+    attempts = await pool.fetch("SELECT attempts FROM optimization_runs")
+    assert max(r["attempts"] for r in attempts) == 1
 
 
 async def _breaker_state(port: int, value: int) -> bool:

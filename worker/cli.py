@@ -7,9 +7,11 @@ import asyncio
 import sys
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from worker.settings import Settings
+
+T = TypeVar("T")
 
 
 def _run(coro: Coroutine[Any, Any, int]) -> int:
@@ -147,6 +149,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(_setup(args), count=args.count)
 
 
+def cmd_dlq(args: argparse.Namespace) -> int:
+    from worker import dlq
+
+    settings = _setup(args)
+    url = settings.amqp_url.get_secret_value()
+    if args.dlq_command == "list":
+        print(dlq.format_dead_letters(_run_value(dlq.list_dead_letters(url, limit=args.limit))))
+    else:
+        replayed, kept = _run_value(
+            dlq.replay_dead_letters(url, reason=args.reason, limit=args.limit)
+        )
+        print(f"replayed {replayed} dead letter(s) to eglo.requests; {kept} left in the DLQ")
+    return 0
+
+
+def _run_value(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from qnn_emulator.cli import add_arguments as add_emulator_arguments
 
@@ -191,6 +212,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("db-url", help="print the database URL (starting the embedded one)")
     p.set_defaults(func=cmd_db_url)
+
+    p = sub.add_parser("dlq", help="inspect or replay dead-lettered requests")
+    dlq_sub = p.add_subparsers(dest="dlq_command", required=True)
+    q = dlq_sub.add_parser("list", help="show dead letters with their reasons (they stay)")
+    q.add_argument("--limit", type=int, default=100)
+    q.set_defaults(func=cmd_dlq)
+    q = dlq_sub.add_parser("replay", help="re-publish dead letters to eglo.requests")
+    q.add_argument("--reason", help="only dead letters with this reason")
+    q.add_argument("--limit", type=int, help="at most this many")
+    q.set_defaults(func=cmd_dlq)
 
     p = sub.add_parser("demo", help="emulator + worker + a sample batch, then a summary")
     p.add_argument("--count", type=int, default=200)

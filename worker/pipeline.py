@@ -7,6 +7,7 @@ rule "ack only after commit" lives in one place.
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -27,6 +28,7 @@ from worker.store import RunStore, SaveResult
 
 log = structlog.get_logger(__name__)
 ATTEMPT_HEADER = "x-eglo-attempt"
+REPLAYED_HEADER = "x-eglo-replayed"
 T = TypeVar("T")
 # Database errors worth waiting out: the server or the network is away, not the data wrong.
 DB_TRANSIENT = (
@@ -50,6 +52,11 @@ class Delivery:
     timestamp: datetime | None = None
     reply_to: str | None = None
     correlation_id: str | None = None
+
+    @property
+    def replayed(self) -> bool:
+        """Re-injected from the DLQ by an operator (`eglo dlq replay`)."""
+        return bool(self.headers.get(REPLAYED_HEADER))
 
     @property
     def attempt(self) -> int:
@@ -116,8 +123,17 @@ class Pipeline:
     async def _process(self, request: AnyRequest, delivery: Delivery) -> Decision:
         fingerprint = request_fingerprint(request)
         stored = await self._with_db_retry(self._store.find, request.request_id)
+        rerun: dict[str, Any] = {}
         if stored is not None:
-            return self._already_stored(stored.fingerprint == fingerprint, stored.run_id)
+            # An operator's replay of a failed request (say, after a long QNN outage) re-runs it
+            # in place; anything else already stored is a duplicate or a conflict.
+            if not (
+                delivery.replayed
+                and stored.status == "failed"
+                and stored.fingerprint == fingerprint
+            ):
+                return self._already_stored(stored.fingerprint == fingerprint, stored.run_id)
+            rerun = {"run_id": uuid.UUID(stored.run_id), "replaces_failed": True}
 
         def record(**fields: Any) -> RunRecord:
             return RunRecord(
@@ -127,6 +143,7 @@ class Pipeline:
                 published_at=delivery.timestamp,
                 reply_to=delivery.reply_to,
                 correlation_id=delivery.correlation_id,
+                **rerun,
                 **fields,
             )
 

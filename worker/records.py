@@ -39,6 +39,8 @@ class RunRecord:
     status: RunStatus
     attempts: int
     run_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    # Set when a replayed request re-runs a stored failed run: the row is updated, not added.
+    replaces_failed: bool = False
     result: dict[str, Any] | None = None
     metadata: ExecutionMetadata | None = None
     call_attempts: int = 0
@@ -54,7 +56,7 @@ class RunRecord:
         """The outcome event (and its reply_to copy), plus embedding.requested on completion."""
         req = self.request
         outcome = RunOutcome(
-            event_id=_event_id(self.run_id, "outcome"),
+            event_id=_event_id(self.run_id, f"outcome:{self.status}"),
             event_type=outcome_routing_key(self.status, req.request_type),
             occurred_at=self.occurred_at,
             run_id=self.run_id,
@@ -74,7 +76,11 @@ class RunRecord:
         if self.reply_to:
             events.append(
                 OutboxEvent(
-                    _event_id(self.run_id, "reply"), "", self.reply_to, body, self.correlation_id
+                    _event_id(self.run_id, f"reply:{self.status}"),
+                    "",
+                    self.reply_to,
+                    body,
+                    self.correlation_id,
                 )
             )
         if self.status == "completed":

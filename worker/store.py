@@ -68,6 +68,18 @@ INSERT INTO outbox (event_id, exchange, routing_key, body, correlation_id)
 SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bytea[], $5::text[])
 """
 
+_REPLACE_FAILED = """
+UPDATE optimization_runs AS r
+SET status = t.status, result_payload = t.result_payload::jsonb, error_code = t.error_code,
+    error_message = t.error_message, qnn_model_id = t.model_id,
+    qnn_execution_time = t.execution_s, attempts = r.attempts + t.attempts, updated_at = now()
+FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+            $7::float8[], $8::int[])
+     AS t(id, status, result_payload, error_code, error_message, model_id, execution_s, attempts)
+WHERE r.id = t.id AND r.status = 'failed'
+RETURNING r.id
+"""
+
 _FIND = """
 SELECT request_id, id::text AS run_id, request_fingerprint, status
 FROM optimization_runs WHERE request_id = ANY($1::text[])
@@ -179,9 +191,22 @@ class RunStore:
 
     async def _write(self, records: list[RunRecord]) -> list[SaveResult]:
         async with self._pool.acquire() as conn, conn.transaction():
-            inserted_ids = {
-                row["id"] for row in await conn.fetch(_INSERT_RUNS, *_run_columns(records))
-            }
+            fresh = [r for r in records if not r.replaces_failed]
+            reruns = [r for r in records if r.replaces_failed]
+            inserted_ids = set()
+            if fresh:
+                inserted_ids = {
+                    row["id"] for row in await conn.fetch(_INSERT_RUNS, *_run_columns(fresh))
+                }
+            if reruns:
+                columns = _run_columns(reruns)
+                inserted_ids |= {
+                    row["id"]
+                    for row in await conn.fetch(
+                        _REPLACE_FAILED,
+                        *(columns[i] for i in (0, 8, 7, 9, 10, 11, 12, 13)),
+                    )
+                }
             inserted = [r for r in records if r.run_id in inserted_ids]
             with_metrics = [r for r in inserted if r.metadata is not None or r.call_attempts]
             if with_metrics:
