@@ -7,9 +7,11 @@ the result under one of several keys, metadata beside it or nested.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import orjson
+from pydantic import AliasChoices
 
 from contracts.requests import AnyRequest, SimulationRequest
 from contracts.results import RESULT_MODELS
@@ -79,15 +81,28 @@ def parse_predict_response(request_type: str, body: bytes) -> tuple[dict[str, An
         if doc.get("success") is False:
             raise MalformedResponse(f"response says success=false: {doc.get('error')!r}")
         doc = doc["data"]
+    if request_type not in RESULT_MODELS:
+        raise MalformedResponse(f"unknown request type {request_type!r}")
     result = next((doc[k] for k in RESULT_KEYS if isinstance(doc.get(k), dict)), None)
     if result is None:
-        # A bare object: the result's fields sit at top level.
+        # A bare object: the result's fields sit at top level. If none of them is there, there
+        # is no result at all (an empty envelope), which is a broken answer, not a wrong one.
+        if not _result_field_names(request_type) & doc.keys():
+            raise MalformedResponse("response holds no result")
         result = doc
     meta_src: dict[str, Any] = dict(doc)
     for key in METADATA_KEYS:
         if isinstance(doc.get(key), dict):
             meta_src.update(doc[key])
     metadata = {k: v for k, v in meta_src.items() if not isinstance(v, dict | list)}
-    if request_type not in RESULT_MODELS:
-        raise MalformedResponse(f"unknown request type {request_type!r}")
     return result, metadata
+
+
+@functools.cache
+def _result_field_names(request_type: str) -> frozenset[str]:
+    names: set[str] = set()
+    for name, info in RESULT_MODELS[request_type].model_fields.items():
+        names.add(name)
+        if isinstance(info.validation_alias, AliasChoices):
+            names.update(a for a in info.validation_alias.choices if isinstance(a, str))
+    return frozenset(names)

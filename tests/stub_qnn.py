@@ -32,8 +32,9 @@ async def stub_qnn(handler: Handler) -> AsyncIterator[StubQnn]:
         return web.json_response({"status": "ok"})
 
     app = web.Application()
-    app.add_routes([web.post("/api/v1/predictions/predict", predict),
-                    web.get("/api/v1/health/simple", health)])
+    app.add_routes(
+        [web.post("/api/v1/predictions/predict", predict), web.get("/api/v1/health/simple", health)]
+    )
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -51,8 +52,7 @@ async def wrong_length_forecast(body: dict[str, Any]) -> web.Response:
 
 
 async def validation_error(body: dict[str, Any]) -> web.Response:
-    return web.json_response({"success": False, "error": {"code": "validation_error"}},
-                             status=422)
+    return web.json_response({"success": False, "error": {"code": "validation_error"}}, status=422)
 
 
 async def always_unavailable(body: dict[str, Any]) -> web.Response:

@@ -72,8 +72,14 @@ async def test_worker_pauses_while_qnn_down_and_loses_nothing(
     requests = [parse_request(r) for r in generate_requests(30, seed=31, id_prefix="outage")]
     async with running_emulator(EmulatorSettings()) as qnn_url, httpx.AsyncClient() as admin:
         await admin.post(f"{qnn_url}/admin/health?ok=false")
-        settings = make_settings(amqp_url, database_url, qnn_url, prefetch=4,
-                                 breaker_failure_threshold=5, breaker_probe_interval_s=0.2)
+        settings = make_settings(
+            amqp_url,
+            database_url,
+            qnn_url,
+            prefetch=4,
+            breaker_failure_threshold=5,
+            breaker_probe_interval_s=0.2,
+        )
         async with running_worker(settings) as worker, Publisher.connect(amqp_url) as publisher:
             await publisher.publish_many(requests)
             port = worker.metrics_port or 0

@@ -164,10 +164,13 @@ async def test_flaky_qnn_every_request_still_completes(
             await publisher.publish_many(parse_request(r) for r in requests)
             await wait_for(lambda: pool.fetchval("SELECT count(*) = 200 FROM optimization_runs"))
             samples = await scrape(worker.metrics_port or 0)
-    assert await pool.fetchval(
-        "SELECT count(*) FROM optimization_runs WHERE status = 'completed'") == 200
-    retries = {labels: v for (name, labels), v in samples.items()
-               if name == "eglo_qnn_retries_total" and v}
+    assert (
+        await pool.fetchval("SELECT count(*) FROM optimization_runs WHERE status = 'completed'")
+        == 200
+    )
+    retries = {
+        labels: v for (name, labels), v in samples.items() if name == "eglo_qnn_retries_total" and v
+    }
     assert metric(samples, "eglo_qnn_retries_total", reason="http_429") > 0
     assert metric(samples, "eglo_qnn_retries_total") > 200 * 0.3 * 0.5, retries
     assert any(dict(labels)["reason"].startswith("http_5") for labels in retries)

@@ -51,9 +51,7 @@ def test_ndjson_all_good(samples: list[dict[str, Any]]) -> None:
     items = _read("".join(_dump(r) + "\n" for r in samples))
     assert [i.line for i in items] == list(range(1, 9))
     assert all(i.ok and i.error is None for i in items)
-    assert [i.request.request_id for i in items if i.request] == [
-        r["request_id"] for r in samples
-    ]
+    assert [i.request.request_id for i in items if i.request] == [r["request_id"] for r in samples]
     kinds = {type(i.request) for i in items}
     assert kinds == {ForecastRequest, StorageRequest, GridSwitchRequest, SimulationRequest}
 
@@ -113,7 +111,7 @@ def test_empty_inputs() -> None:
 
 def test_malformed_array_is_one_error(samples: list[dict[str, Any]]) -> None:
     """A JSON array that does not parse gives a single error item for the whole input."""
-    text = "[\n" + _dump(samples[0]) + ",\n" + _dump(samples[1]) + ",\n{\"request_id\": }\n]"
+    text = "[\n" + _dump(samples[0]) + ",\n" + _dump(samples[1]) + ',\n{"request_id": }\n]'
     items = _read(text)
     assert len(items) == 1
     assert items[0].line == 0
@@ -148,7 +146,7 @@ def test_nan_and_infinity_rejected(samples: list[dict[str, Any]], literal: str) 
 
 def test_nan_in_array_rejected(samples: list[dict[str, Any]]) -> None:
     """A NaN inside a JSON array makes the array invalid JSON: one error item."""
-    items = _read("[" + _dump(samples[0]) + ", {\"x\": NaN}]")
+    items = _read("[" + _dump(samples[0]) + ', {"x": NaN}]')
     assert len(items) == 1
     assert items[0].error is not None
     assert "NaN" in items[0].error

@@ -57,8 +57,11 @@ def test_forecast_aliases_and_metadata_aliases_normalise() -> None:
     """Documented aliases land on canonical names."""
     request = _request("forecast")
     n = request.payload.horizon_steps  # type: ignore[union-attr]
-    result, meta = check_result(request, {"predicted_loads": [5.0] * n},
-                                {"device_used": "qpu", "quantum_cost_usd": 0.5, "qubits": 4})
+    result, meta = check_result(
+        request,
+        {"predicted_loads": [5.0] * n},
+        {"device_used": "qpu", "quantum_cost_usd": 0.5, "qubits": 4},
+    )
     assert result["forecast"] == [5.0] * n
     assert (meta.device, meta.cost_usd, meta.n_qubits) == ("qpu", 0.5, 4)
 
@@ -84,8 +87,11 @@ def test_storage_over_power_limit_is_refused() -> None:
     request = _request("storage")
     p = request.payload
     n = len(p.price_schedule)  # type: ignore[union-attr]
-    raw = {"charge_kw": [p.max_charge_kw * 2] * n, "discharge_kw": [0.0] * n,  # type: ignore[union-attr]
-           "soc_kwh": [p.soc_min_kwh] * n}  # type: ignore[union-attr]
+    raw = {
+        "charge_kw": [p.max_charge_kw * 2] * n,
+        "discharge_kw": [0.0] * n,  # type: ignore[union-attr]
+        "soc_kwh": [p.soc_min_kwh] * n,
+    }  # type: ignore[union-attr]
     with pytest.raises(InvalidResult, match="max_charge_kw"):
         check_result(request, raw, {})
 
@@ -106,3 +112,9 @@ def test_negative_cost_metadata_is_invalid() -> None:
     n = request.payload.horizon_steps  # type: ignore[union-attr]
     with pytest.raises(InvalidResult, match="cost"):
         check_result(request, _forecast_result(n), {"cost_usd": -1})
+
+
+def test_empty_envelope_is_malformed_not_invalid() -> None:
+    """`{"success": true, "data": {"prediction": null}}` holds no result: retried, not failed."""
+    with pytest.raises(MalformedResponse, match="no result"):
+        parse_predict_response("forecast", b'{"success": true, "data": {"prediction": null}}')

@@ -164,11 +164,13 @@ class Worker:
                 finally:
                     await breaker.close()
                     await store.close()
-                    relay_task.cancel()
                     watch_task.cancel()
-                    await asyncio.gather(relay_task, watch_task, return_exceptions=True)
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(relay.flush(), timeout=5.0)
+                    relay.stop()
+                    try:
+                        await asyncio.wait_for(relay_task, timeout=10.0)
+                    except Exception as exc:  # noqa: BLE001 - unsent events stay in the outbox
+                        log.warning("outbox.flush.incomplete", error=repr(exc)[:200])
+                    await asyncio.gather(watch_task, return_exceptions=True)
                     await runner.cleanup()
         log.info("worker.stopped")
         return 0

@@ -10,6 +10,7 @@ Anything unsettled when the channel closes (crash, shutdown) is redelivered by t
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -114,13 +115,24 @@ class Consumer:
         structlog.contextvars.bind_contextvars(message_id=message.message_id)
         try:
             decision = await self._pipeline.handle(to_delivery(message))
-            await self._settle(message, decision)
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("request.unexpected_error", redelivered=message.redelivered)
             await asyncio.sleep(1.0)  # do not spin on a message that fails every time
-            await message.reject(requeue=True)
+            await self._settle_quietly(message.reject(requeue=True))
+            return
+        await self._settle_quietly(self._settle(message, decision))
+
+    async def _settle_quietly(self, settling: Awaitable[None]) -> None:
+        try:
+            await settling
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the broker redelivers what we could not settle
+            # The channel went away (broker restart, connection loss) between the commit and the
+            # ack: the message comes back, and the stored run turns it into a duplicate ack.
+            log.warning("request.settle_failed", error=repr(exc)[:200])
 
     async def _settle(self, message: AbstractIncomingMessage, decision: Decision) -> None:
         if isinstance(decision, DeadLetter):

@@ -48,16 +48,25 @@ class OutboxRelay:
         self._poll_s = poll_s
         self._retention_h = retention_h
         self._wakeup = asyncio.Event()
+        self._stopping = False
         self._exchanges: dict[str, AbstractExchange] = {}
 
     def wake(self) -> None:
         """Called after a commit that wrote events: they leave now, not at the next poll."""
         self._wakeup.set()
 
+    def stop(self) -> None:
+        """Finish the batch in hand, flush what is left, and return from `run`.
+
+        Cancelling mid-batch would leave published events unmarked, to be sent twice.
+        """
+        self._stopping = True
+        self._wakeup.set()
+
     async def run(self) -> None:
-        """Relay until cancelled; failures are logged and retried at the next poll."""
+        """Relay until stopped; failures are logged and retried at the next poll."""
         polls = 0
-        while True:
+        while not self._stopping:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), timeout=self._poll_s)
             self._wakeup.clear()
@@ -74,6 +83,7 @@ class OutboxRelay:
                 self._metrics.db_errors.labels(operation="outbox_relay").inc()
                 log.warning("outbox.relay.failed", error=repr(exc)[:300])
                 await asyncio.sleep(self._poll_s)
+        await self.flush()
 
     async def flush(self) -> int:
         """Relay everything unpublished now; returns how many events were confirmed."""

@@ -1,0 +1,333 @@
+"""Runs one chaos scenario end to end and counts what became of every request."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import subprocess
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import asyncpg
+import orjson
+
+from producers.publisher import Publisher
+from producers.reader import parse_request
+from producers.sample import generate_requests
+from tests import infra
+from tests.chaos.environment import ChaosDatabase
+from worker import topology
+from worker.processes import free_port, spawn, stop, wait_http_ok
+
+LOG_DIR = Path(".eglo/chaos")
+
+
+@dataclass
+class Scenario:
+    name: str
+    requests: int
+    fault: Callable[[ChaosRun], Awaitable[None]] | None = None
+    emulator_args: list[str] = field(default_factory=list)
+    poison_rate: float = 0.0
+    duplicate_rate: float = 0.0
+    worker_env: dict[str, str] = field(default_factory=dict)
+    deadline_s: float = 600.0
+
+
+@dataclass
+class Row:
+    scenario: str
+    published: int
+    completed: int
+    failed: int
+    expired: int
+    dead_lettered: int
+    poison: int
+    duplicate_runs: int
+    duplicate_events: int
+    lost: int
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return (
+            self.lost == 0
+            and self.duplicate_runs == 0
+            and self.completed + self.failed + self.expired == self.published
+            and self.dead_lettered == self.poison
+            and not any(n.startswith("FAIL") for n in self.notes)
+        )
+
+
+class ChaosRun:
+    """One scenario's world: a vhost, a database, an emulator, worker processes."""
+
+    def __init__(
+        self, scenario: Scenario, amqp_url: str, vhost: str, db: ChaosDatabase, database_url: str
+    ) -> None:
+        self.scenario = scenario
+        self.amqp_url = amqp_url
+        self.vhost = vhost
+        self.db = db
+        self.database_url = database_url
+        self.workers: list[tuple[subprocess.Popen[bytes], int]] = []
+        self.notes: list[str] = []
+        self.qnn_port = free_port()
+        self.pool: asyncpg.Pool | None = None
+        self._spawned = 0
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            "EGLO_AMQP_URL": self.amqp_url,
+            "EGLO_DATABASE_URL": self.database_url,
+            "EGLO_QNN_URL": f"http://127.0.0.1:{self.qnn_port}",
+            "EGLO_QNN_TIMEOUT_S": "2",
+            "EGLO_QNN_BACKOFF_INITIAL_S": "0.05",
+            "EGLO_QNN_BACKOFF_MAX_S": "0.5",
+            "EGLO_RETRY_DELAYS_S": "[1, 3, 5]",
+            "EGLO_SHUTDOWN_GRACE_S": "10",
+            "EGLO_PREFETCH": "64",
+            "EGLO_LOG_LEVEL": "INFO",
+            **self.scenario.worker_env,
+        }
+
+    def log_path(self, name: str) -> Path:
+        return LOG_DIR / self.scenario.name / f"{name}.log"
+
+    def start_worker(self) -> subprocess.Popen[bytes]:
+        port = free_port()
+        self._spawned += 1
+        process = spawn(
+            ["worker"],
+            {**self.env, "EGLO_METRICS_PORT": str(port)},
+            self.log_path(f"worker-{self._spawned}"),
+        )
+        wait_http_ok(f"http://127.0.0.1:{port}/readyz", process=process, within_s=60)
+        self.workers.append((process, port))
+        return process
+
+    def kill_worker(self, sig: int = signal.SIGKILL) -> subprocess.Popen[bytes]:
+        process, _ = self.workers.pop(0)
+        process.send_signal(sig)
+        return process
+
+    async def stored(self) -> int:
+        assert self.pool is not None
+        try:
+            return int(await self.pool.fetchval("SELECT count(*) FROM optimization_runs"))
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            return -1  # the database is down on purpose in one scenario
+
+    async def until_stored(self, fraction: float) -> None:
+        target = int(self.scenario.requests * fraction)
+        while await self.stored() < target:  # noqa: ASYNC110 - polling another process's work
+            await asyncio.sleep(0.1)
+
+
+def _poison(doc: dict[str, Any], i: int) -> tuple[bytes, str | None]:
+    kind = i % 6
+    if kind == 0:
+        return b'{"request_id": "cut-off', "application/json"
+    if kind == 1:
+        return orjson.dumps(doc).replace(b'"payload":{', b'"bad":NaN,"payload":{', 1), None
+    if kind == 2:
+        return orjson.dumps({**doc, "schema_version": 99}), "application/json"
+    if kind == 3:
+        return orjson.dumps({**doc, "request_type": "teleport"}), "application/json"
+    if kind == 4:
+        return orjson.dumps(doc), "application/xml"
+    return b"\x00\x01 not even text", "application/json"
+
+
+async def _publish(
+    run: ChaosRun,
+    valid: list[dict[str, Any]],
+    poison: list[dict[str, Any]],
+    duplicates: list[dict[str, Any]],
+) -> None:
+    rng = random.Random(5)
+    sends: list[tuple[str, Any]] = [("valid", d) for d in valid]
+    sends += [("poison", d) for d in poison] + [("dup", d) for d in duplicates]
+    rng.shuffle(sends)
+    async with Publisher.connect(run.amqp_url) as publisher:
+        # Steady, not all at once, so faults land while work is flowing; confirms are awaited,
+        # and a publish the broker did not confirm (it was restarting) is sent again.
+        window = asyncio.Semaphore(128)
+
+        async def send(kind: str, doc: dict[str, Any], i: int) -> None:
+            async with window:
+                for _ in range(60):
+                    try:
+                        if kind == "poison":
+                            body, ctype = _poison(doc, i)
+                            await publisher.publish_raw(
+                                body,
+                                "request.forecast",
+                                content_type=ctype,
+                                message_id=f"poison-{i}",
+                            )
+                        else:
+                            await publisher.publish(parse_request(doc))
+                        return
+                    except Exception:  # noqa: BLE001 - broker restarting: try again
+                        await asyncio.sleep(1.0)
+                run.notes.append(f"FAIL could not publish {kind} {i}")
+
+        await asyncio.gather(*(send(k, d, i) for i, (k, d) in enumerate(sends)))
+
+
+async def _quiet(run: ChaosRun, valid_ids: set[str], poison: int) -> bool:
+    assert run.pool is not None
+    try:
+        stored = await run.pool.fetchval(
+            "SELECT count(*) FROM optimization_runs WHERE status IN "
+            "('completed','failed','expired')"
+        )
+        unsent = await run.pool.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        return False
+    if stored < len(valid_ids) or unsent:
+        return False
+    try:
+        connection = await aio_pika.connect(run.amqp_url)
+    except Exception:  # noqa: BLE001 - broker restarting
+        return False
+    async with connection:
+        channel = await connection.channel()
+        dlq = await channel.declare_queue(topology.DEAD_LETTER_QUEUE, passive=True)
+        requests = await channel.declare_queue(topology.REQUESTS_QUEUE, passive=True)
+        return bool(
+            requests.declaration_result.message_count == 0
+            and (dlq.declaration_result.message_count or 0) >= poison
+        )
+
+
+async def run_scenario(scenario: Scenario, db: ChaosDatabase) -> Row:
+    started = time.monotonic()
+    valid = generate_requests(
+        scenario.requests, seed=hash(scenario.name) % 10_000, id_prefix=f"chaos-{scenario.name}"
+    )
+    rng = random.Random(scenario.name)
+    poison = [rng.choice(valid) for _ in range(int(scenario.requests * scenario.poison_rate))]
+    duplicates = rng.sample(valid, int(scenario.requests * scenario.duplicate_rate))
+    with infra.fresh_vhost() as amqp_url:
+        vhost = amqp_url.rsplit("/", 1)[1]
+        run = ChaosRun(scenario, amqp_url, vhost, db, await db.fresh_database())
+        emulator = spawn(
+            [
+                "emulator",
+                "--port",
+                str(run.qnn_port),
+                "--latency-ms",
+                "20",
+                "--seed",
+                "3",
+                *scenario.emulator_args,
+            ],
+            run.env,
+            run.log_path("emulator"),
+        )
+        run.pool = await asyncpg.create_pool(run.database_url, min_size=1, max_size=2)
+        events_connection = await aio_pika.connect_robust(amqp_url)
+        try:
+            wait_http_ok(f"http://127.0.0.1:{run.qnn_port}/api/v1/health/simple", process=emulator)
+            channel = await events_connection.channel()
+            await topology.declare(channel)
+            events_q = await channel.declare_queue("chaos.events", durable=True)
+            await events_q.bind(topology.EVENTS_EXCHANGE, routing_key="run.#")
+            run.start_worker()
+            publishing = asyncio.create_task(_publish(run, valid, poison, duplicates))
+            if scenario.fault is not None:
+                await scenario.fault(run)
+            await publishing
+            valid_ids = {d["request_id"] for d in valid}
+            deadline = time.monotonic() + scenario.deadline_s
+            while not await _quiet(run, valid_ids, len(poison)):
+                if time.monotonic() > deadline:
+                    run.notes.append("FAIL timed out waiting for every request to settle")
+                    break
+                if not run.workers:
+                    run.start_worker()
+                await asyncio.sleep(0.5)
+            for process, _ in run.workers:
+                code = stop(process, grace_s=30)
+                if code != 0:
+                    run.notes.append(f"FAIL worker exited {code} on SIGTERM")
+            row = await _count(run, valid_ids, len(poison), events_q)
+        finally:
+            for process, _ in run.workers:
+                process.kill()
+            stop(emulator, grace_s=5)
+            await run.pool.close()
+            await events_connection.close()
+    row.seconds = round(time.monotonic() - started, 1)
+    row.notes = run.notes
+    return row
+
+
+async def _count(
+    run: ChaosRun, valid_ids: set[str], poison: int, events_q: aio_pika.abc.AbstractQueue
+) -> Row:
+    assert run.pool is not None
+    by_status = {
+        r["status"]: r["n"]
+        for r in await run.pool.fetch(
+            "SELECT status, count(*) AS n FROM optimization_runs GROUP BY status"
+        )
+    }
+    stored_ids = {
+        r["request_id"] for r in await run.pool.fetch("SELECT request_id FROM optimization_runs")
+    }
+    total_rows = await run.pool.fetchval("SELECT count(*) FROM optimization_runs")
+    outcomes: dict[str, int] = {}
+    event_ids: set[str] = set()
+    duplicate_events = 0
+    while (message := await events_q.get(no_ack=True, fail=False)) is not None:
+        event = orjson.loads(message.body)
+        if event["event_id"] in event_ids:
+            duplicate_events += 1  # a relay re-send; consumers drop it by event_id
+        event_ids.add(event["event_id"])
+        outcomes[event["run_id"]] = outcomes.get(event["run_id"], 0) + 1
+    connection = await aio_pika.connect(run.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        dlq = await channel.declare_queue(topology.DEAD_LETTER_QUEUE, passive=True)
+        dead = dlq.declaration_result.message_count or 0
+    if len(outcomes) != len(stored_ids):
+        run.notes.append(f"FAIL {len(stored_ids) - len(outcomes)} runs without an outcome event")
+    return Row(
+        scenario=run.scenario.name,
+        published=len(valid_ids),
+        completed=by_status.get("completed", 0),
+        failed=by_status.get("failed", 0),
+        expired=by_status.get("expired", 0),
+        dead_lettered=dead,
+        poison=poison,
+        duplicate_runs=total_rows - len(stored_ids),
+        duplicate_events=duplicate_events,
+        lost=len(valid_ids - stored_ids),
+        seconds=0.0,
+    )
+
+
+def format_table(rows: list[Row]) -> str:
+    header = (
+        "| scenario | published | completed | failed | expired | dead-lettered | poison "
+        "| duplicate runs | duplicate events | lost | seconds | result |"
+    )
+    lines = [header, "|" + "---|" * 12]
+    for r in rows:
+        lines.append(
+            f"| {r.scenario} | {r.published} | {r.completed} | {r.failed} | {r.expired} "
+            f"| {r.dead_lettered} | {r.poison} | {r.duplicate_runs} | {r.duplicate_events} "
+            f"| {r.lost} | {r.seconds} | {'pass' if r.passed else 'FAIL'} |"
+        )
+    notes = [f"- {r.scenario}: {n}" for r in rows for n in r.notes]
+    return "\n".join(lines + (["", *notes] if notes else []))
