@@ -23,6 +23,10 @@ demo: install
 test: install lint
 	$(BIN)/python -m pytest -q
 
+## chaos: the full chaos suite (2,000 requests per scenario); writes docs/reliability-table.md
+chaos: install
+	$(BIN)/python -m tests.chaos | tee docs/reliability-table.md
+
 lint: install
 	$(BIN)/ruff check worker producers contracts db qnn_emulator tests
 	$(BIN)/mypy worker producers contracts db qnn_emulator

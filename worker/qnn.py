@@ -21,6 +21,7 @@ from contracts.qnn import (
 )
 from contracts.requests import AnyRequest
 from worker.breaker import CircuitBreaker
+from worker.logs import redact
 from worker.metrics import Metrics
 from worker.settings import Settings
 
@@ -112,6 +113,8 @@ class QnnClient:
         self._settings = settings
         self._metrics = metrics
         self._breaker = breaker
+        key = settings.qnn_api_key
+        self._secrets = (key.get_secret_value(),) if key is not None else ()
 
     def _backoff(self, exc: Exception) -> bool | float:
         if isinstance(exc, _Transient):
@@ -183,7 +186,8 @@ class QnnClient:
                 f"http_{code}", retry_after_seconds(response.headers.get("Retry-After"), cap_s=cap)
             )
         if code >= 400:
-            raise QnnRejected(f"QNN answered {code}: {response.text[:300]}")
+            # The body may echo what we sent, key included; it ends up in the database.
+            raise QnnRejected(redact(f"QNN answered {code}: {response.text[:300]}", self._secrets))
         try:
             return parse_predict_response(request_type, response.content)
         except MalformedResponse as exc:
