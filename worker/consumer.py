@@ -71,7 +71,10 @@ class Consumer:
         """Begin (or resume) taking deliveries."""
         if self._consumer_tag is not None:
             return
-        self._queue = await self._consume_channel.get_queue(REQUESTS_QUEUE, ensure=False)
+        if self._queue is None:
+            # declare_queue, not get_queue: only queues declared on a robust channel are
+            # re-registered after a reconnect; a get_queue consumer silently never comes back.
+            self._queue = await self._consume_channel.declare_queue(REQUESTS_QUEUE, passive=True)
         self._consumer_tag = await self._queue.consume(self._on_message)
         log.info("consumer.started", queue=REQUESTS_QUEUE)
 

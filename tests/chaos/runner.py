@@ -25,6 +25,7 @@ from worker import topology
 from worker.processes import free_port, spawn, stop, wait_http_ok
 
 LOG_DIR = Path(".eglo/chaos")
+EVENTS_QUEUE = "chaos.events"
 
 
 @dataclass
@@ -36,7 +37,7 @@ class Scenario:
     poison_rate: float = 0.0
     duplicate_rate: float = 0.0
     worker_env: dict[str, str] = field(default_factory=dict)
-    deadline_s: float = 600.0
+    deadline_s: float = 180.0
 
 
 @dataclass
@@ -125,9 +126,15 @@ class ChaosRun:
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
             return -1  # the database is down on purpose in one scenario
 
-    async def until_stored(self, fraction: float) -> None:
+    async def until_stored(self, fraction: float, *, within_s: float = 60.0) -> None:
+        """Wait for progress; a stall is a finding, noted, and the scenario goes on."""
         target = int(self.scenario.requests * fraction)
-        while await self.stored() < target:  # noqa: ASYNC110 - polling another process's work
+        deadline = time.monotonic() + within_s
+        while await self.stored() < target:
+            if time.monotonic() > deadline:
+                self.notes.append(f"FAIL stalled at {await self.stored()} stored "
+                                  f"(waited {within_s:g} s for {target})")
+                return
             await asyncio.sleep(0.1)
 
 
@@ -240,7 +247,7 @@ async def run_scenario(scenario: Scenario, db: ChaosDatabase) -> Row:
             wait_http_ok(f"http://127.0.0.1:{run.qnn_port}/api/v1/health/simple", process=emulator)
             channel = await events_connection.channel()
             await topology.declare(channel)
-            events_q = await channel.declare_queue("chaos.events", durable=True)
+            events_q = await channel.declare_queue(EVENTS_QUEUE, durable=True)
             await events_q.bind(topology.EVENTS_EXCHANGE, routing_key="run.#")
             run.start_worker()
             publishing = asyncio.create_task(_publish(run, valid, poison, duplicates))
@@ -260,7 +267,7 @@ async def run_scenario(scenario: Scenario, db: ChaosDatabase) -> Row:
                 code = stop(process, grace_s=30)
                 if code != 0:
                     run.notes.append(f"FAIL worker exited {code} on SIGTERM")
-            row = await _count(run, valid_ids, len(poison), events_q)
+            row = await _count(run, valid_ids, len(poison))
         finally:
             for process, _ in run.workers:
                 process.kill()
@@ -272,9 +279,7 @@ async def run_scenario(scenario: Scenario, db: ChaosDatabase) -> Row:
     return row
 
 
-async def _count(
-    run: ChaosRun, valid_ids: set[str], poison: int, events_q: aio_pika.abc.AbstractQueue
-) -> Row:
+async def _count(run: ChaosRun, valid_ids: set[str], poison: int) -> Row:
     assert run.pool is not None
     by_status = {
         r["status"]: r["n"]
@@ -289,15 +294,17 @@ async def _count(
     outcomes: dict[str, int] = {}
     event_ids: set[str] = set()
     duplicate_events = 0
-    while (message := await events_q.get(no_ack=True, fail=False)) is not None:
-        event = orjson.loads(message.body)
-        if event["event_id"] in event_ids:
-            duplicate_events += 1  # a relay re-send; consumers drop it by event_id
-        event_ids.add(event["event_id"])
-        outcomes[event["run_id"]] = outcomes.get(event["run_id"], 0) + 1
+    # A fresh connection: the scenario's own may have been among those the faults closed.
     connection = await aio_pika.connect(run.amqp_url)
     async with connection:
         channel = await connection.channel()
+        events_q = await channel.declare_queue(EVENTS_QUEUE, passive=True)
+        while (message := await events_q.get(no_ack=True, fail=False)) is not None:
+            event = orjson.loads(message.body)
+            if event["event_id"] in event_ids:
+                duplicate_events += 1  # a relay re-send; consumers drop it by event_id
+            event_ids.add(event["event_id"])
+            outcomes[event["run_id"]] = outcomes.get(event["run_id"], 0) + 1
         dlq = await channel.declare_queue(topology.DEAD_LETTER_QUEUE, passive=True)
         dead = dlq.declaration_result.message_count or 0
     if len(outcomes) != len(stored_ids):
