@@ -27,12 +27,37 @@ class Contract(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
 
+MIN_HISTORY = 24
+MAX_DATASET_DAYS = 56
+
+
+class DatasetRef(Contract):
+    """A stored period of `energy_datasets` to use as history instead of sending it inline."""
+
+    region: str = Field(min_length=1, max_length=64)
+    start_date: date
+    end_date: date = Field(description="Inclusive.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> DatasetRef:
+        days = (self.end_date - self.start_date).days + 1
+        if not 1 <= days <= MAX_DATASET_DAYS:
+            raise ValueError(f"a dataset_ref spans 1 to {MAX_DATASET_DAYS} days, not {days}")
+        return self
+
+
 class ForecastPayload(Contract):
-    """History of a region's load and what to forecast."""
+    """History of a region's load and what to forecast.
+
+    The history comes inline (`historical_loads`) or by reference (`dataset_ref`); the worker
+    resolves a reference from `energy_datasets` before calling the QNN, and stores both.
+    """
 
     historical_loads: list[NonNegative] = Field(
-        min_length=24, max_length=MAX_HISTORY, description="Past load in MW, oldest first."
+        default_factory=list, max_length=MAX_HISTORY,
+        description=f"Past load in MW, oldest first; at least {MIN_HISTORY} unless dataset_ref.",
     )
+    dataset_ref: DatasetRef | None = None
     resolution_minutes: Literal[15, 30, 60] = 60
     horizon_steps: int = Field(default=24, ge=1, le=MAX_STEPS)
     temperature_c: list[Annotated[float, Field(ge=-80, le=70)]] | None = Field(
@@ -40,10 +65,19 @@ class ForecastPayload(Contract):
     )
 
     @model_validator(mode="after")
-    def _temperature_aligned(self) -> ForecastPayload:
+    def _history_present_and_aligned(self) -> ForecastPayload:
+        if self.dataset_ref is None and len(self.historical_loads) < MIN_HISTORY:
+            raise ValueError(
+                f"historical_loads needs at least {MIN_HISTORY} values (or give a dataset_ref)"
+            )
         if self.temperature_c is not None and len(self.temperature_c) != len(self.historical_loads):
             raise ValueError("temperature_c must have one value per historical_loads value")
         return self
+
+    @property
+    def needs_history(self) -> bool:
+        """A dataset_ref not resolved into historical_loads yet."""
+        return self.dataset_ref is not None and not self.historical_loads
 
 
 class StoragePayload(Contract):

@@ -16,7 +16,7 @@ import orjson
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
 
 from contracts.requests import AnyRequest
-from worker import topology
+from worker import topology, tracing
 
 
 @dataclass
@@ -65,14 +65,24 @@ class Publisher:
         **properties: Any,
     ) -> None:
         """Send arbitrary bytes (tests use it for malformed input)."""
-        message = aio_pika.Message(
-            body,
-            content_type=content_type,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            timestamp=datetime.now(UTC),
-            **properties,
-        )
-        await self._exchange.publish(message, routing_key=routing_key, mandatory=True)
+        with tracing.tracer.start_as_current_span(
+            f"{topology.REQUESTS_EXCHANGE} publish",
+            kind=tracing.SpanKind.PRODUCER,
+            attributes={
+                "messaging.system": "rabbitmq",
+                "messaging.rabbitmq.destination.routing_key": routing_key,
+            },
+        ):
+            headers = tracing.inject(properties.pop("headers", None))
+            message = aio_pika.Message(
+                body,
+                content_type=content_type,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                timestamp=datetime.now(UTC),
+                headers=headers or None,
+                **properties,
+            )
+            await self._exchange.publish(message, routing_key=routing_key, mandatory=True)
 
     async def publish_many(
         self,

@@ -189,8 +189,9 @@ def _price_schedule(rng: random.Random, steps: int, resolution: int) -> list[flo
     return prices
 
 
-def _site_load_kw(rng: random.Random, peak_kw: float, steps: int, resolution: int,
-                  weekday: int) -> list[float]:
+def _site_load_kw(
+    rng: random.Random, peak_kw: float, steps: int, resolution: int, weekday: int
+) -> list[float]:
     """A site/feeder load curve in kW with the regional daily shape."""
     loads: list[float] = []
     for k in range(steps):
@@ -243,9 +244,7 @@ _SOURCE_KINDS: Final[tuple[tuple[str, str, float, float], ...]] = (
 )
 
 
-def _grid_switch_payload(
-    rng: random.Random, region: Region, forecast_date: date
-) -> dict[str, Any]:
+def _grid_switch_payload(rng: random.Random, region: Region, forecast_date: date) -> dict[str, Any]:
     resolution = rng.choice((60, 30, 15))
     steps = 24 * 60 // resolution
     peak_kw = rng.uniform(5_000.0, 250_000.0)
@@ -281,8 +280,9 @@ def _grid_switch_payload(
 
 
 # (name, load_scale range, price_scale range, temperature_delta_c range)
-_SCENARIOS: Final[tuple[tuple[str, tuple[float, float], tuple[float, float],
-                              tuple[float, float]], ...]] = (
+_SCENARIOS: Final[
+    tuple[tuple[str, tuple[float, float], tuple[float, float], tuple[float, float]], ...]
+] = (
     ("heatwave", (1.05, 1.25), (1.1, 1.8), (4.0, 9.0)),
     ("cold-snap", (1.05, 1.3), (1.1, 1.6), (-12.0, -5.0)),
     ("mild-weather", (0.9, 0.98), (0.85, 1.0), (-2.0, 2.0)),
@@ -295,9 +295,7 @@ _SCENARIOS: Final[tuple[tuple[str, tuple[float, float], tuple[float, float],
 )
 
 
-def _simulation_payload(
-    rng: random.Random, region: Region, forecast_date: date
-) -> dict[str, Any]:
+def _simulation_payload(rng: random.Random, region: Region, forecast_date: date) -> dict[str, Any]:
     base_type = rng.choice(("forecast", "storage", "grid_switch"))
     base = {
         "request_type": base_type,

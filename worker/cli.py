@@ -23,13 +23,18 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
 
 
 def _setup(args: argparse.Namespace) -> Settings:
-    from worker import logs
+    from worker import logs, tracing
 
     settings = Settings()
     if getattr(args, "prefetch", None):
         settings.prefetch = args.prefetch
     secrets = tuple(s.get_secret_value() for s in (settings.qnn_api_key,) if s is not None)
     logs.configure(settings.log_level, json=settings.log_json, secrets=secrets)
+    tracing.configure(
+        settings.tracing_enabled,
+        service_name=f"eglo-{args.command}",
+        otlp_endpoint=settings.otlp_endpoint,
+    )
     return settings
 
 

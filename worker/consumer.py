@@ -18,6 +18,7 @@ import aio_pika
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
+from worker import tracing
 from worker.metrics import Metrics
 from worker.pipeline import ATTEMPT_HEADER, Ack, DeadLetter, Decision, Delay, Delivery, Pipeline
 from worker.topology import DEAD_LETTER_EXCHANGE, REQUESTS_QUEUE, delay_queue_name
@@ -116,6 +117,19 @@ class Consumer:
     async def _handle(self, message: AbstractIncomingMessage) -> None:
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(message_id=message.message_id)
+        with tracing.tracer.start_as_current_span(
+            f"{REQUESTS_QUEUE} process",
+            context=tracing.extract(message.headers),
+            kind=tracing.SpanKind.CONSUMER,
+            attributes={
+                "messaging.system": "rabbitmq",
+                "messaging.destination.name": REQUESTS_QUEUE,
+                "messaging.message.id": message.message_id or "",
+            },
+        ):
+            await self._handle_in_span(message)
+
+    async def _handle_in_span(self, message: AbstractIncomingMessage) -> None:
         try:
             decision = await self._pipeline.handle(to_delivery(message))
         except asyncio.CancelledError:

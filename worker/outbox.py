@@ -15,12 +15,13 @@ import asyncpg
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractExchange
 
+from worker import tracing
 from worker.metrics import Metrics
 
 log = structlog.get_logger(__name__)
 
 _CLAIM = """
-SELECT id, event_id, exchange, routing_key, body, correlation_id
+SELECT id, event_id, exchange, routing_key, body, correlation_id, headers
 FROM outbox WHERE published_at IS NULL
 ORDER BY id LIMIT $1
 FOR UPDATE SKIP LOCKED
@@ -131,15 +132,28 @@ class OutboxRelay:
 
     async def _publish(self, row: Any) -> None:
         exchange = await self._exchange(row["exchange"])
-        message = aio_pika.Message(
-            row["body"],
-            content_type="application/json",
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=str(row["event_id"]),
-            correlation_id=row["correlation_id"],
-            type=_event_type(row),
-        )
-        await exchange.publish(message, routing_key=row["routing_key"])
+        parent = tracing.extract(row["headers"])
+        with tracing.tracer.start_as_current_span(
+            f"{row['exchange'] or 'reply'} publish",
+            context=parent,
+            kind=tracing.SpanKind.PRODUCER,
+            attributes={
+                "messaging.system": "rabbitmq",
+                "messaging.destination.name": row["exchange"],
+                "messaging.rabbitmq.destination.routing_key": row["routing_key"],
+                "messaging.message.id": str(row["event_id"]),
+            },
+        ):
+            message = aio_pika.Message(
+                row["body"],
+                content_type="application/json",
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                message_id=str(row["event_id"]),
+                correlation_id=row["correlation_id"],
+                type=_event_type(row),
+                headers=tracing.inject(),
+            )
+            await exchange.publish(message, routing_key=row["routing_key"])
 
 
 def _event_type(row: Any) -> str:

@@ -16,8 +16,10 @@ from typing import Any, TypeVar
 import asyncpg
 import stamina
 import structlog
+from opentelemetry import trace
 
 from contracts.requests import AnyRequest, request_fingerprint
+from worker import tracing
 from worker.intake import Rejection, parse_request
 from worker.metrics import Metrics
 from worker.qnn import QnnClient, QnnRejected, QnnUnavailable
@@ -108,6 +110,9 @@ class Pipeline:
             structlog.contextvars.bind_contextvars(
                 request_id=parsed.request_id, request_type=parsed.request_type
             )
+            span = trace.get_current_span()
+            span.set_attribute("eglo.request_id", parsed.request_id)
+            span.set_attribute("eglo.request_type", parsed.request_type)
             decision = await self._process(parsed, delivery)
             request_type = parsed.request_type
         outcome = _outcome(decision)
@@ -207,7 +212,16 @@ class Pipeline:
         return decision
 
     async def _save(self, record: RunRecord) -> Decision:
-        result = await self._with_db_retry(self._store.save, record)
+        with tracing.tracer.start_as_current_span(
+            "db save run",
+            kind=tracing.SpanKind.CLIENT,
+            attributes={
+                "db.system": "postgresql",
+                "eglo.run_id": str(record.run_id),
+                "eglo.run.status": record.status,
+            },
+        ):
+            result = await self._with_db_retry(self._store.save, record)
         if result is SaveResult.INSERTED:
             log.info("run.stored", run_id=str(record.run_id), status=record.status)
             return Ack(record.status)

@@ -20,6 +20,7 @@ from contracts.qnn import (
     parse_predict_response,
 )
 from contracts.requests import AnyRequest
+from worker import tracing
 from worker.breaker import CircuitBreaker
 from worker.logs import redact
 from worker.metrics import Metrics
@@ -132,22 +133,29 @@ class QnnClient:
         )
         started = time.perf_counter()
         tries = 0
-        try:
-            async for attempt in stamina.retry_context(
-                on=self._backoff,
-                attempts=s.qnn_attempts,
-                timeout=s.qnn_budget_s,
-                wait_initial=s.qnn_backoff_initial_s,
-                wait_max=s.qnn_backoff_max_s,
-                wait_jitter=s.qnn_backoff_initial_s,
-            ):
-                with attempt:
-                    if self._breaker is not None:
-                        await self._breaker.wait_callable()
-                    tries += 1
-                    result, metadata = await self._try_once(request.request_type, body)
-        except _Transient as exc:
-            raise QnnUnavailable(f"QNN unavailable after {tries} tries: {exc.reason}") from None
+        with tracing.tracer.start_as_current_span(
+            "qnn predict",
+            kind=tracing.SpanKind.CLIENT,
+            attributes={"server.address": s.qnn_url, "eglo.qnn.model_id": s.qnn_model_id},
+        ) as span:
+            try:
+                async for attempt in stamina.retry_context(
+                    on=self._backoff,
+                    attempts=s.qnn_attempts,
+                    timeout=s.qnn_budget_s,
+                    wait_initial=s.qnn_backoff_initial_s,
+                    wait_max=s.qnn_backoff_max_s,
+                    wait_jitter=s.qnn_backoff_initial_s,
+                ):
+                    with attempt:
+                        if self._breaker is not None:
+                            await self._breaker.wait_callable()
+                        tries += 1
+                        result, metadata = await self._try_once(request.request_type, body)
+            except _Transient as exc:
+                raise QnnUnavailable(f"QNN unavailable after {tries} tries: {exc.reason}") from None
+            finally:
+                span.set_attribute("eglo.qnn.tries", tries)
         return QnnAnswer(result, metadata, tries, (time.perf_counter() - started) * 1000)
 
     async def _try_once(

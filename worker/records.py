@@ -18,6 +18,7 @@ from contracts.events import (
 )
 from contracts.requests import AnyRequest
 from contracts.results import ExecutionMetadata
+from worker import tracing
 from worker.topology import EVENTS_EXCHANGE
 
 
@@ -28,6 +29,7 @@ class OutboxEvent:
     routing_key: str
     body: bytes
     correlation_id: str | None = None
+    headers: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +53,8 @@ class RunRecord:
     reply_to: str | None = None
     correlation_id: str | None = None
     occurred_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    # Captured where the record is made, inside the run's span, for the events' publish spans.
+    trace_headers: dict[str, Any] = field(default_factory=tracing.inject)
 
     def events(self) -> list[OutboxEvent]:
         """The outcome event (and its reply_to copy), plus embedding.requested on completion."""
@@ -72,7 +76,15 @@ class RunRecord:
             error_message=self.error_message,
         )
         body = _dump(outcome)
-        events = [OutboxEvent(outcome.event_id, EVENTS_EXCHANGE, outcome.event_type, body)]
+        events = [
+            OutboxEvent(
+                outcome.event_id,
+                EVENTS_EXCHANGE,
+                outcome.event_type,
+                body,
+                headers=self.trace_headers,
+            )
+        ]
         if self.reply_to:
             events.append(
                 OutboxEvent(
@@ -81,6 +93,7 @@ class RunRecord:
                     self.reply_to,
                     body,
                     self.correlation_id,
+                    headers=self.trace_headers,
                 )
             )
         if self.status == "completed":
@@ -94,7 +107,11 @@ class RunRecord:
             )
             events.append(
                 OutboxEvent(
-                    requested.event_id, EVENTS_EXCHANGE, EMBEDDING_REQUESTED, _dump(requested)
+                    requested.event_id,
+                    EVENTS_EXCHANGE,
+                    EMBEDDING_REQUESTED,
+                    _dump(requested),
+                    headers=self.trace_headers,
                 )
             )
         return events

@@ -64,8 +64,10 @@ SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int[], $5::int[], $
 """
 
 _INSERT_OUTBOX = """
-INSERT INTO outbox (event_id, exchange, routing_key, body, correlation_id)
-SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bytea[], $5::text[])
+INSERT INTO outbox (event_id, exchange, routing_key, body, correlation_id, headers)
+SELECT event_id, exchange, routing_key, body, correlation_id, headers::jsonb
+FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bytea[], $5::text[], $6::text[])
+     AS t(event_id, exchange, routing_key, body, correlation_id, headers)
 """
 
 _REPLACE_FAILED = """
@@ -220,6 +222,7 @@ class RunStore:
                     [e.routing_key for e in events],
                     [e.body for e in events],
                     [e.correlation_id for e in events],
+                    [_json(e.headers) if e.headers else None for e in events],
                 )
             existing: dict[str, str] = {}
             others = [r.request.request_id for r in records if r.run_id not in inserted_ids]

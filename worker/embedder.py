@@ -1,0 +1,563 @@
+"""The embedder process: `embedding.requested` events in, one scenario embedding per run stored.
+
+It consumes its own quorum queue `eglo.embeddings` (bound to `eglo.events`), so it scales apart
+from the workers. Deliveries are micro-batched: whatever arrives within a few milliseconds is
+loaded in one query, embedded in one call and written in one transaction, then acked after the
+commit. Writes are idempotent per (run, model), so a redelivery stores nothing twice.
+
+Settling rules: an event that is not JSON or not an `EmbeddingRequested` is dead-lettered to
+`eglo.embeddings.dlq` with a reason header; an event naming a run that does not exist (yet) is
+requeued after `retry_delay_s` and dead-lettered on its `max_attempts`th delivery; a scenario
+the embedder rejects is dead-lettered; a transient failure (database, embeddings API) requeues
+the batch after a pause, and the queue's delivery limit stops an endless loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import signal
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import aio_pika
+import asyncpg
+import orjson
+import structlog
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
+from prometheus_client import Counter, Histogram
+from pydantic import ValidationError
+
+from contracts.events import EMBEDDING_REQUESTED, EmbeddingRequested
+from db.pool import create_pool, database_url
+from worker import http
+from worker.consumer import DETAIL_HEADER, REASON_HEADER
+from worker.embeddings import (
+    Embedder,
+    EmbeddingRejected,
+    close_embedder,
+    make_embedder,
+)
+from worker.metrics import DB_BUCKETS, LATENCY_BUCKETS, Metrics
+from worker.settings import Settings
+from worker.topology import DELIVERY_LIMIT, EVENTS_EXCHANGE
+
+log = structlog.get_logger(__name__)
+
+EMBEDDINGS_QUEUE = "eglo.embeddings"
+EMBEDDINGS_DLQ = "eglo.embeddings.dlq"
+# Quorum queues count redeliveries in this header (absent on the first delivery).
+DELIVERY_COUNT_HEADER = "x-delivery-count"
+
+
+async def declare(channel: AbstractChannel) -> AbstractQueue:
+    """Declare the embedder's queue, its dead-letter queue and binding; safe to call repeatedly."""
+    events = await channel.declare_exchange(
+        EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
+    )
+    await channel.declare_queue(EMBEDDINGS_DLQ, durable=True, arguments={"x-queue-type": "quorum"})
+    queue = await channel.declare_queue(
+        EMBEDDINGS_QUEUE,
+        durable=True,
+        arguments={
+            "x-queue-type": "quorum",
+            # Through the default exchange straight to our own DLQ, apart from failed requests.
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": EMBEDDINGS_DLQ,
+            "x-delivery-limit": DELIVERY_LIMIT,
+        },
+    )
+    await queue.bind(events, routing_key=EMBEDDING_REQUESTED)
+    return queue
+
+
+@dataclass(frozen=True, slots=True)
+class EmbedderConfig:
+    """The embedder's knobs; `from_settings` reads each from Settings as `embedder_<name>`."""
+
+    kind: str = "features"
+    model: str | None = None
+    dimensions: int | None = None
+    prefetch: int = 128
+    batch_max: int = 64
+    batch_window_ms: float = 10.0
+    concurrency: int = 2
+    max_attempts: int = 5
+    retry_delay_s: float = 2.0
+    metrics_port: int = 9109
+    api_url: str = "https://api.openai.com/v1"
+    api_key: str | None = field(default=None, repr=False)
+    api_timeout_s: float = 30.0
+    api_batch: int = 256
+    api_attempts: int = 5
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> EmbedderConfig:
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            value = getattr(settings, f"embedder_{f.name}", None)
+            if value is None:
+                continue
+            values[f.name] = (
+                value.get_secret_value() if hasattr(value, "get_secret_value") else value
+            )
+        config = cls(**values)
+        # Past the queue's own limit the broker would dead-letter first, without our reason.
+        return dataclasses.replace(
+            config, max_attempts=max(1, min(config.max_attempts, DELIVERY_LIMIT))
+        )
+
+    def build_embedder(self) -> Embedder:
+        if self.kind == "openai":
+            options: dict[str, Any] = {
+                "base_url": self.api_url,
+                "api_key": self.api_key,
+                "timeout_s": self.api_timeout_s,
+                "batch_size": self.api_batch,
+                "attempts": self.api_attempts,
+            }
+            if self.model:
+                options["model"] = self.model
+            if self.dimensions:
+                options["dimensions"] = self.dimensions
+            return make_embedder("openai", **options)
+        return make_embedder(self.kind)
+
+
+class EmbedderMetrics:
+    """The embedder's own metrics, on the process registry beside the shared ones."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        r = metrics.registry
+        self.stored = metrics.embeddings
+        self.messages = Counter(
+            "eglo_embedder_messages",
+            "embedding.requested deliveries settled, by outcome.",
+            ["outcome"],
+            registry=r,
+        )
+        self.embed_duration = Histogram(
+            "eglo_embed_duration_seconds",
+            "One embedder call for a batch of scenarios, by model.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "eglo_embed_batch_size_runs",
+            "Runs embedded per batch.",
+            buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500),
+            registry=r,
+        )
+        self.write = Histogram(
+            "eglo_embeddings_write_duration_seconds",
+            "One transaction of embedding inserts.",
+            buckets=DB_BUCKETS,
+            registry=r,
+        )
+
+
+_LOAD = """
+SELECT r.id, r.input_payload,
+       EXISTS (SELECT 1 FROM optimization_embeddings e
+               WHERE e.optimization_run_id = r.id AND e.model = $2) AS embedded
+FROM optimization_runs r WHERE r.id = ANY($1::uuid[])
+"""
+
+# Vectors go as text: asyncpg cannot bind an array of the pgvector type.
+_INSERT = """
+INSERT INTO optimization_embeddings (optimization_run_id, model, dimensions, embedding)
+SELECT run_id, $2, $3, embedding::vector
+FROM unnest($1::uuid[], $4::text[]) AS t(run_id, embedding)
+ON CONFLICT (optimization_run_id, model) DO NOTHING
+RETURNING optimization_run_id
+"""
+
+
+def _vector_text(vector: list[float]) -> str:
+    return "[" + ",".join(repr(float(x)) for x in vector) + "]"
+
+
+class _Unsettled(Exception):
+    """A batch step failed in a way that a later delivery may not: requeue what is left."""
+
+
+@contextlib.asynccontextmanager
+async def _open(settings: Settings) -> AsyncIterator[tuple[asyncpg.Pool, AbstractRobustConnection]]:
+    pool = await create_pool(database_url(settings), size=settings.db_pool_size)
+    try:
+        connection = await aio_pika.connect_robust(
+            settings.amqp_url.get_secret_value(),
+            client_properties={"connection_name": "eglo-embedder"},
+        )
+        try:
+            yield pool, connection
+        finally:
+            await connection.close()
+    finally:
+        await pool.close()
+
+
+class EmbedderService:
+    """One embedder process's lifecycle; `run` returns the exit code."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        config: EmbedderConfig | None = None,
+        embedder: Embedder | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.settings = settings
+        self.config = config or EmbedderConfig.from_settings(settings)
+        self.metrics = metrics or Metrics()
+        self._embedder = embedder
+        self.stop_requested = asyncio.Event()
+        self.started = asyncio.Event()
+        self.metrics_port: int | None = None
+        self._inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        self._open_messages: dict[int, AbstractIncomingMessage] = {}
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._stopping = asyncio.Event()
+        self._delayed: set[asyncio.Task[None]] = set()
+        self._consumer_tag: str | None = None
+
+    def stop(self) -> None:
+        self.stop_requested.set()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._open_messages)
+
+    async def run(self, *, burst: bool = False) -> int:
+        settings, config = self.settings, self.config
+        owns_embedder = self._embedder is None
+        embedder = self._embedder or config.build_embedder()
+        em = EmbedderMetrics(self.metrics)
+        self.metrics.prefetch.set(config.prefetch)
+        try:
+            async with _open(settings) as (pool, connection):
+                consume_channel = await connection.channel()
+                await consume_channel.set_qos(prefetch_count=config.prefetch)
+                publish_channel = await connection.channel(publisher_confirms=True)
+                await declare(publish_channel)
+                queue = await consume_channel.get_queue(EMBEDDINGS_QUEUE, ensure=False)
+
+                def ready() -> tuple[bool, str]:
+                    if connection.is_closed:
+                        return False, "broker connection closed"
+                    if self._consumer_tag is None:
+                        return False, "not consuming"
+                    return True, "consuming"
+
+                runner, self.metrics_port = await http.start(
+                    http.build_app(self.metrics, ready), settings.metrics_host, config.metrics_port
+                )
+                batchers = [
+                    asyncio.create_task(
+                        self._batch_loop(pool, publish_channel, embedder, em),
+                        name=f"embedder-batch-{i}",
+                    )
+                    for i in range(max(1, config.concurrency))
+                ]
+                try:
+                    self._consumer_tag = await queue.consume(self._on_message)
+                    log.info(
+                        "embedder.started",
+                        model=embedder.name,
+                        dimensions=embedder.dimensions,
+                        metrics_port=self.metrics_port,
+                        prefetch=config.prefetch,
+                        burst=burst,
+                    )
+                    self.started.set()
+                    if burst:
+                        await self._until_no_work(connection)
+                    else:
+                        await self.stop_requested.wait()
+                    log.info("embedder.stopping", in_flight=self.in_flight)
+                    tag, self._consumer_tag = self._consumer_tag, None
+                    await queue.cancel(tag)
+                    self._stopping.set()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._idle.wait(), settings.shutdown_grace_s)
+                    if self.in_flight:
+                        # Unacked deliveries go back to the queue when the channel closes.
+                        log.warning("embedder.drain.timeout", abandoned=self.in_flight)
+                finally:
+                    for task in (*batchers, *self._delayed):
+                        task.cancel()
+                    await asyncio.gather(*batchers, *self._delayed, return_exceptions=True)
+                    await runner.cleanup()
+        finally:
+            if owns_embedder:
+                await close_embedder(embedder)
+        log.info("embedder.stopped")
+        return 0
+
+    async def _until_no_work(self, connection: AbstractRobustConnection) -> None:
+        """Burst mode: return once the queue is empty and every delivery is settled."""
+        quiet_checks = 0
+        while not self.stop_requested.is_set():
+            idle = self.in_flight == 0 and await _queue_depth(connection, EMBEDDINGS_QUEUE) == 0
+            quiet_checks = quiet_checks + 1 if idle else 0
+            # Twice in a row: a delivery can be in the channel's buffer between two looks.
+            if quiet_checks >= 2:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop_requested.wait(), timeout=0.25)
+
+    # ----------------------------------------------------------------------- deliveries
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        self._open_messages[id(message)] = message
+        self._idle.clear()
+        self.metrics.in_flight.set(self.in_flight)
+        self._inbox.put_nowait(message)
+
+    def _take(self, message: AbstractIncomingMessage) -> bool:
+        """Mark a delivery settled; False if it already was (each is settled exactly once)."""
+        if self._open_messages.pop(id(message), None) is None:
+            return False
+        self.metrics.in_flight.set(self.in_flight)
+        if not self._open_messages:
+            self._idle.set()
+        return True
+
+    async def _ack(
+        self, message: AbstractIncomingMessage, em: EmbedderMetrics, outcome: str
+    ) -> None:
+        if self._take(message):
+            em.messages.labels(outcome=outcome).inc()
+            # A closed channel means the broker redelivers it; the write is idempotent.
+            with contextlib.suppress(Exception):
+                await message.ack()
+
+    async def _requeue(
+        self, message: AbstractIncomingMessage, em: EmbedderMetrics, outcome: str
+    ) -> None:
+        if self._take(message):
+            em.messages.labels(outcome=outcome).inc()
+            with contextlib.suppress(Exception):
+                await message.nack(requeue=True)
+
+    def _requeue_later(
+        self, message: AbstractIncomingMessage, em: EmbedderMetrics, outcome: str
+    ) -> None:
+        """Requeue after the retry delay (at once when stopping) without holding up the batch."""
+
+        async def later() -> None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.config.retry_delay_s)
+            await self._requeue(message, em, outcome)
+
+        task = asyncio.create_task(later())
+        self._delayed.add(task)
+        task.add_done_callback(self._delayed.discard)
+
+    async def _dead_letter(
+        self,
+        message: AbstractIncomingMessage,
+        channel: AbstractChannel,
+        em: EmbedderMetrics,
+        reason: str,
+        detail: str,
+    ) -> None:
+        """Publish a copy with the reason to the DLQ, confirmed, then ack the original."""
+        if id(message) not in self._open_messages:
+            return
+        headers: dict[str, Any] = dict(message.headers or {})
+        headers[REASON_HEADER] = reason
+        headers[DETAIL_HEADER] = detail[:1000]
+        headers.setdefault("x-eglo-original-routing-key", message.routing_key or "")
+        headers["x-eglo-republished-at"] = datetime.now(UTC).isoformat()
+        copy = aio_pika.Message(
+            message.body,
+            headers=headers,
+            content_type=message.content_type,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=message.message_id,
+            correlation_id=message.correlation_id,
+            timestamp=message.timestamp,
+            type=message.type,
+        )
+        await channel.default_exchange.publish(copy, routing_key=EMBEDDINGS_DLQ)
+        self.metrics.dead_letters.labels(reason=reason).inc()
+        log.warning("embedding.dead_lettered", reason=reason, detail=detail[:300])
+        await self._ack(message, em, "dead_lettered")
+
+    # ----------------------------------------------------------------------- batches
+
+    async def _batch_loop(
+        self,
+        pool: asyncpg.Pool,
+        channel: AbstractChannel,
+        embedder: Embedder,
+        em: EmbedderMetrics,
+    ) -> None:
+        config = self.config
+        while True:
+            batch = [await self._inbox.get()]
+            # Under load the inbox already holds a batch; at low load the window costs a few ms.
+            if self._inbox.qsize() < config.batch_max - 1 and config.batch_window_ms > 0:
+                await asyncio.sleep(config.batch_window_ms / 1000.0)
+            while len(batch) < config.batch_max and not self._inbox.empty():
+                batch.append(self._inbox.get_nowait())
+            try:
+                await self._process(batch, pool, channel, embedder, em)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # requeued; the queue's delivery limit bounds the loop
+                self.metrics.db_errors.labels(operation="embed_batch").inc()
+                log.warning(
+                    "embedder.batch.failed",
+                    size=len(batch),
+                    error=repr(exc)[:300],
+                    exc_info=not isinstance(exc, _Unsettled),
+                )
+                for message in batch:
+                    if id(message) in self._open_messages:
+                        self._requeue_later(message, em, "requeued")
+
+    async def _process(
+        self,
+        batch: list[AbstractIncomingMessage],
+        pool: asyncpg.Pool,
+        channel: AbstractChannel,
+        embedder: Embedder,
+        em: EmbedderMetrics,
+    ) -> None:
+        by_run: dict[uuid.UUID, list[AbstractIncomingMessage]] = {}
+        for message in batch:
+            try:
+                event = EmbeddingRequested.model_validate(orjson.loads(message.body))
+            except orjson.JSONDecodeError as exc:
+                await self._dead_letter(message, channel, em, "invalid_json", str(exc))
+                continue
+            except ValidationError as exc:
+                await self._dead_letter(message, channel, em, "invalid_event", str(exc))
+                continue
+            by_run.setdefault(event.run_id, []).append(message)
+        if not by_run:
+            return
+
+        rows = {row["id"]: row for row in await pool.fetch(_LOAD, list(by_run), embedder.name)}
+        todo: list[uuid.UUID] = []
+        for run_id, messages in by_run.items():
+            row = rows.get(run_id)
+            if row is None:
+                for message in messages:
+                    await self._run_not_found(message, run_id, channel, em)
+            elif row["embedded"]:
+                for message in messages:
+                    await self._ack(message, em, "duplicate")
+            else:
+                todo.append(run_id)
+        if not todo:
+            return
+
+        vectors, rejected = await self._embed(
+            embedder, todo, [rows[r]["input_payload"] for r in todo], em
+        )
+        for run_id, detail in rejected.items():
+            for message in by_run[run_id]:
+                await self._dead_letter(message, channel, em, "unembeddable", detail)
+        if not vectors:
+            return
+
+        started = time.perf_counter()
+        async with pool.acquire() as conn, conn.transaction():
+            inserted = {
+                row["optimization_run_id"]
+                for row in await conn.fetch(
+                    _INSERT,
+                    list(vectors),
+                    embedder.name,
+                    embedder.dimensions,
+                    [_vector_text(v) for v in vectors.values()],
+                )
+            }
+        em.write.observe(time.perf_counter() - started)
+        em.stored.labels(model=embedder.name).inc(len(inserted))
+        for run_id in vectors:
+            outcome = "stored" if run_id in inserted else "duplicate"
+            for message in by_run[run_id]:
+                await self._ack(message, em, outcome)
+                outcome = "duplicate"
+
+    async def _embed(
+        self,
+        embedder: Embedder,
+        run_ids: list[uuid.UUID],
+        scenarios: list[dict[str, Any]],
+        em: EmbedderMetrics,
+    ) -> tuple[dict[uuid.UUID, list[float]], dict[uuid.UUID, str]]:
+        """Vectors by run, and the runs the embedder rejected (found one by one) with why."""
+        started = time.perf_counter()
+        try:
+            vectors = await embedder.embed(scenarios)
+        except EmbeddingRejected as exc:
+            if len(scenarios) == 1:
+                return {}, {run_ids[0]: str(exc)}
+            good: dict[uuid.UUID, list[float]] = {}
+            bad: dict[uuid.UUID, str] = {}
+            for run_id, scenario in zip(run_ids, scenarios, strict=True):
+                try:
+                    good[run_id] = (await embedder.embed([scenario]))[0]
+                except EmbeddingRejected as one:
+                    bad[run_id] = str(one)
+            return good, bad
+        finally:
+            em.embed_duration.labels(model=embedder.name).observe(time.perf_counter() - started)
+        em.batch_size.observe(len(scenarios))
+        if len(vectors) != len(run_ids) or any(len(v) != embedder.dimensions for v in vectors):
+            raise _Unsettled(f"{embedder.name} returned vectors of the wrong count or size")
+        return dict(zip(run_ids, vectors, strict=True)), {}
+
+    async def _run_not_found(
+        self,
+        message: AbstractIncomingMessage,
+        run_id: uuid.UUID,
+        channel: AbstractChannel,
+        em: EmbedderMetrics,
+    ) -> None:
+        # The event may overtake the run's commit on a replica or a restored database: wait a bit.
+        previous = (message.headers or {}).get(DELIVERY_COUNT_HEADER)
+        deliveries = (previous if isinstance(previous, int) else 0) + 1
+        if deliveries >= self.config.max_attempts:
+            await self._dead_letter(
+                message,
+                channel,
+                em,
+                "run_not_found",
+                f"run {run_id} not found after {deliveries} deliveries",
+            )
+        else:
+            self._requeue_later(message, em, "run_not_found_retry")
+
+
+async def _queue_depth(connection: AbstractRobustConnection, name: str) -> int:
+    async with connection.channel() as channel:
+        queue = await channel.declare_queue(name, passive=True)
+        return int(queue.declaration_result.message_count or 0)
+
+
+async def run_embedder(settings: Settings, *, burst: bool = False) -> int:
+    """The `eglo embedder` entrypoint: an EmbedderService that stops on SIGTERM or SIGINT."""
+    service = EmbedderService(settings)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, service.stop)
+    return await service.run(burst=burst)

@@ -1,0 +1,62 @@
+"""OpenTelemetry tracing, off by default: one trace from publish through the worker to events.
+
+The trace context travels in AMQP headers (W3C `traceparent`), including through the outbox:
+each event row keeps the context of the run that wrote it, so the relay's publish joins the trace.
+When tracing is off the OpenTelemetry API is a no-op and costs next to nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from opentelemetry import context, propagate, trace
+from opentelemetry.trace import SpanKind
+
+TRACER_NAME = "eglo"
+tracer = trace.get_tracer(TRACER_NAME)
+
+
+def configure(enabled: bool, *, service_name: str, otlp_endpoint: str | None) -> None:
+    """Install a tracer provider exporting to OTLP/HTTP (or the console) when enabled."""
+    if not enabled:
+        return
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import (
+        BatchSpanProcessor,
+        ConsoleSpanExporter,
+        SpanExporter,
+    )
+
+    exporter: SpanExporter
+    if otlp_endpoint:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        exporter = OTLPSpanExporter(endpoint=otlp_endpoint)
+    else:
+        exporter = ConsoleSpanExporter()
+    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+    provider.add_span_processor(BatchSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+
+
+def inject(headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The current trace context as AMQP headers (nothing when no span is recording)."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    out = dict(headers or {})
+    out.update(carrier)
+    return out
+
+
+def extract(headers: Mapping[str, Any] | None) -> context.Context:
+    carrier = {
+        k: v.decode() if isinstance(v, bytes) else str(v)
+        for k, v in (headers or {}).items()
+        if k in ("traceparent", "tracestate")
+    }
+    return propagate.extract(carrier)
+
+
+__all__ = ["SpanKind", "configure", "extract", "inject", "tracer"]
