@@ -23,9 +23,10 @@ demo: install
 test: install lint
 	$(BIN)/python -m pytest -q
 
-## chaos: the full chaos suite (2,000 requests per scenario); writes docs/reliability-table.md
+## chaos: the full chaos suite (2,000 requests per scenario); the table goes to .eglo/chaos/table.md
 chaos: install
-	$(BIN)/python -m tests.chaos | tee docs/reliability-table.md
+	mkdir -p .eglo/chaos
+	$(BIN)/python -m tests.chaos | tee .eglo/chaos/table.md
 
 lint: install
 	$(BIN)/ruff check worker producers contracts db qnn_emulator tests
