@@ -62,18 +62,22 @@ async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
 
 
 @pytest.fixture(scope="session")
-def broker() -> None:
-    if not os.environ.get("EGLO_AMQP_URL"):
-        infra.ensure_local_rabbitmq()
+def broker() -> Iterator[infra.Broker | None]:
+    """EGLO_AMQP_URL's broker (None), a RabbitMQ testcontainer, or the local one (started)."""
+    if os.environ.get("EGLO_AMQP_URL"):
+        yield None
+        return
+    with infra.rabbitmq_broker() as broker:
+        yield broker
 
 
 @pytest.fixture
-def amqp_url(broker: None) -> Iterator[str]:
-    """A vhost of the test's own on the local broker (or EGLO_AMQP_URL, purged)."""
-    if url := os.environ.get("EGLO_AMQP_URL"):
-        yield url
+def amqp_url(broker: infra.Broker | None) -> Iterator[str]:
+    """A vhost of the test's own (with EGLO_AMQP_URL set: that broker, shared)."""
+    if broker is None:
+        yield os.environ["EGLO_AMQP_URL"]
         return
-    with infra.fresh_vhost() as url:
+    with infra.fresh_vhost(broker) as url:
         yield url
 
 

@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 
@@ -54,17 +55,50 @@ def rabbitmqctl(*args: str) -> None:
 
 
 @contextlib.contextmanager
-def fresh_vhost() -> Iterator[str]:
-    """A throwaway vhost on the local broker, so tests never see each other's queues."""
+def fresh_vhost(broker: Broker | None = None) -> Iterator[str]:
+    """A throwaway vhost, so tests never see each other's queues."""
+    broker = broker or Broker()
     vhost = f"eglo-test-{uuid.uuid4().hex[:10]}"
-    rabbitmqctl("add_vhost", vhost)
-    rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    broker.ctl("add_vhost", vhost)
+    broker.ctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
     try:
-        yield f"amqp://guest:guest@127.0.0.1:5672/{quote(vhost, safe='')}"
+        yield f"{broker.base_url}{quote(vhost, safe='')}"
     finally:
-        subprocess.run(
-            ["rabbitmqctl", "-q", "delete_vhost", vhost], check=False, capture_output=True
-        )
+        with contextlib.suppress(Exception):
+            broker.ctl("delete_vhost", vhost)
+
+
+class Broker:
+    """The local RabbitMQ, or one in a container; `ctl` runs rabbitmqctl against it."""
+
+    def __init__(
+        self, base_url: str = "amqp://guest:guest@127.0.0.1:5672/", container: Any = None
+    ) -> None:
+        self.base_url = base_url
+        self._container = container
+
+    def ctl(self, *args: str) -> None:
+        if self._container is None:
+            rabbitmqctl(*args)
+            return
+        code, output = self._container.exec_run(["rabbitmqctl", "-q", *args])
+        if code != 0:
+            raise RuntimeError(f"rabbitmqctl {args} failed: {output!r}")
+
+
+@contextlib.contextmanager
+def rabbitmq_broker() -> Iterator[Broker]:
+    """A broker for the session: a testcontainer when a Docker engine answers, else local."""
+    if not docker_engine_available():
+        ensure_local_rabbitmq()
+        yield Broker()
+        return
+    from testcontainers.rabbitmq import RabbitMqContainer
+
+    with RabbitMqContainer("rabbitmq:3.13") as container:
+        host = container.get_container_host_ip()
+        port = container.get_exposed_port(5672)
+        yield Broker(f"amqp://guest:guest@{host}:{port}/", container.get_wrapped_container())
 
 
 @contextlib.contextmanager

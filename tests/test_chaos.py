@@ -16,7 +16,7 @@ SHORT = {s.name: s for s in scenarios(300, db_down_s=5)}
 
 
 @pytest.fixture(scope="module")
-def chaos_db(broker: None) -> Iterator[ChaosDatabase]:
+def chaos_db(broker: object) -> Iterator[ChaosDatabase]:
     with chaos_database() as db:
         yield db
 

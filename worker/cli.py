@@ -173,8 +173,24 @@ def _run_value(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
 
 
+def cmd_asyncapi(args: argparse.Namespace) -> int:
+    from contracts.asyncapi import write_asyncapi
+
+    write_asyncapi(Path(args.out))
+    print(args.out)
+    return 0
+
+
+def cmd_events_tail(args: argparse.Namespace) -> int:
+    from worker.events_tail import run
+
+    _setup(args)
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from qnn_emulator.cli import add_arguments as add_emulator_arguments
+    from worker.events_tail import add_arguments as add_tail_arguments
 
     parser = argparse.ArgumentParser(prog="eglo", description="Energy Grid Load Optimizer")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -227,6 +243,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--reason", help="only dead letters with this reason")
     q.add_argument("--limit", type=int, help="at most this many")
     q.set_defaults(func=cmd_dlq)
+
+    p = sub.add_parser("asyncapi", help="write the AsyncAPI 3.0 document of eglo's messages")
+    p.add_argument("--out", default="docs/asyncapi.yaml")
+    p.set_defaults(func=cmd_asyncapi)
+
+    p = sub.add_parser("events", help="downstream view of eglo.events")
+    events_sub = p.add_subparsers(dest="events_command", required=True)
+    q = events_sub.add_parser("tail", help="follow eglo.events live through a temporary queue")
+    add_tail_arguments(q)
+    q.set_defaults(func=cmd_events_tail)
 
     p = sub.add_parser("demo", help="emulator + worker + a sample batch, then a summary")
     p.add_argument("--count", type=int, default=200)
