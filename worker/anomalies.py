@@ -223,27 +223,27 @@ def _rolling_median(x: FloatArray, window: int, *, odd: bool = False) -> FloatAr
     return np.asarray(np.median(windows, axis=1), dtype=np.float64)
 
 
+def _box_sum(values: FloatArray, half: int) -> FloatArray:
+    """Row-wise sum over the columns j with |j - i| <= half of each column i (zeros beyond)."""
+    rows = values.shape[0]
+    padded = np.concatenate(
+        [np.zeros((rows, half + 1)), values, np.zeros((rows, half))], axis=1
+    )
+    csum = np.cumsum(padded, axis=1)
+    return np.asarray(csum[:, 2 * half + 1 :] - csum[:, : -(2 * half + 1)], dtype=np.float64)
+
+
 def _ring_mean(values: FloatArray, guard: int, reach: int) -> FloatArray:
     """Row-wise mean over the neighbours guard < |j| <= reach of each column, ignoring NaN.
 
     Columns with no finite neighbour get inf."""
     finite = np.isfinite(values)
     filled = np.where(finite, values, 0.0)
-    rows, n = values.shape
-    zero = np.zeros((rows, 1))
-    csum = np.concatenate([zero, np.cumsum(filled, axis=1)], axis=1)
-    ccount = np.concatenate([zero, np.cumsum(finite, axis=1, dtype=np.float64)], axis=1)
-    idx = np.arange(n)
-
-    def window_sum(cum: FloatArray, h: int) -> FloatArray:
-        lo = np.clip(idx - h, 0, n)
-        hi = np.clip(idx + h + 1, 0, n)
-        return cum[:, hi] - cum[:, lo]
-
-    total = window_sum(csum, reach) - window_sum(csum, guard)
-    count = window_sum(ccount, reach) - window_sum(ccount, guard)
+    counts = finite.astype(np.float64)
+    total = _box_sum(filled, reach) - _box_sum(filled, guard)
+    count = _box_sum(counts, reach) - _box_sum(counts, guard)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(count > 0, total / np.maximum(count, 1.0), np.inf)
+        return np.where(count > 0.5, total / np.maximum(count, 1.0), np.inf)
 
 
 def _runs(mask: BoolArray) -> list[tuple[int, int]]:
@@ -359,7 +359,9 @@ def _impute(x: FloatArray, mask: BoolArray, steps_per_day: int) -> FloatArray:
     return out
 
 
-def _seasonal_residuals(x: FloatArray, steps_per_day: int, resolution_minutes: int) -> FloatArray:
+def _seasonal_residuals(
+    x: FloatArray, steps_per_day: int, resolution_minutes: int, imputed: BoolArray
+) -> FloatArray:
     """Log-load minus a baseline from the best-matching neighbour days, level-adjusted locally.
 
     For each neighbour offset k (NEIGHBOUR_DAYS, before and after) the candidate residual is
@@ -370,7 +372,7 @@ def _seasonal_residuals(x: FloatArray, steps_per_day: int, resolution_minutes: i
     which continues a ramp instead of folding it back. Candidates are ranked per reading by how
     well they fit MATCH_GUARD_HOURS-MATCH_RING_HOURS around it, and the residuals of the
     NEIGHBOURS_USED best are median-combined, so one mismatched day type or one anomalous
-    neighbour does not decide.
+    neighbour does not decide. `imputed` readings (masked and filled) do not count in the fit.
     """
     n = len(x)
     level_window = _odd(2 * _steps(SPIKE_MAX_HOURS, resolution_minutes) + 1)
@@ -390,8 +392,10 @@ def _seasonal_residuals(x: FloatArray, steps_per_day: int, resolution_minutes: i
     if not rows:
         return np.zeros(n)
     cand = np.vstack(rows)
+    misfit = np.abs(cand)
+    misfit[:, imputed] = np.nan  # an imputed reading fits the day it was copied from by design
     fit = _ring_mean(
-        np.abs(cand),
+        misfit,
         _steps(MATCH_GUARD_HOURS, resolution_minutes),
         _steps(MATCH_RING_HOURS, resolution_minutes),
     )
@@ -469,7 +473,7 @@ def spike_scores(
     x = np.log(np.where(mask, level, np.maximum(y, ZERO_REL_THRESHOLD * level)))
     x = _impute(x, mask, steps_per_day)
     if n >= MIN_SEASONAL_DAYS * steps_per_day:
-        resid = _seasonal_residuals(x, steps_per_day, resolution_minutes)
+        resid = _seasonal_residuals(x, steps_per_day, resolution_minutes, mask)
         scale_inflation = 1.0
     else:
         fitted = _robust_harmonic_residuals(x, steps_per_day, ~mask)
@@ -607,8 +611,13 @@ def detect_input_anomalies(
     resolution_minutes: int,
     *,
     field_name: str = "historical_loads",
+    measured: bool = True,
 ) -> list[Anomaly]:
-    """One Anomaly per input anomaly type found in a load series, listing its events."""
+    """One Anomaly per input anomaly type found in a load series, listing its events.
+
+    `measured` is False for a requester's own forecast (`load_forecast`): a forecast that is
+    constant throughout is then likely a deliberate placeholder and only graded low.
+    """
     y = np.asarray(values, dtype=np.float64)
     events = find_input_events(y, resolution_minutes)
     anomalies = []
@@ -625,6 +634,9 @@ def detect_input_anomalies(
             f"{len(found)} {one if len(found) == 1 else many} in {field_name} "
             f"({what}, first at index {found[0].start})"
         )
+        if kind == INPUT_FLATLINE and found[0].steps == y.size and not measured:
+            severity = "low"
+            description = f"{field_name} is constant at {y[0]:g} for all {y.size} steps"
         anomalies.append(
             Anomaly(
                 anomaly_type=kind,
@@ -668,13 +680,16 @@ def _floats(raw: Any) -> FloatArray | None:
     if not isinstance(raw, list | tuple):
         return None
     try:
-        return np.asarray(raw, dtype=np.float64)
+        array = np.asarray(raw, dtype=np.float64)
+        if array.ndim == 1:
+            return array
     except (TypeError, ValueError):
-        out = np.full(len(raw), np.nan)
-        for i, v in enumerate(raw):
-            if isinstance(v, int | float) and not isinstance(v, bool):
-                out[i] = float(v)
-        return out
+        pass
+    out = np.full(len(raw), np.nan)
+    for i, v in enumerate(raw):
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            out[i] = float(v)
+    return out
 
 
 def _non_finite(series: Mapping[str, FloatArray]) -> Anomaly | None:
@@ -725,8 +740,12 @@ def _negative(
 # --------------------------------------------------------------------------- result: forecast
 
 
-def _history_range(history: FloatArray) -> tuple[float, float, float]:
-    """(min, max, median) of the history without zero-run readings (they are missing data)."""
+def _history_range(history: FloatArray) -> tuple[float, float, float] | None:
+    """(min, max, median) of the history without zero-run readings (they are missing data);
+    None without a history (a `dataset_ref` not resolved into `historical_loads`)."""
+    history = history[np.isfinite(history)]
+    if history.size == 0:
+        return None
     zero_mask = np.zeros(history.size, dtype=bool)
     for e in find_zero_runs(history):
         zero_mask[e.start : e.end + 1] = True
@@ -737,7 +756,10 @@ def _history_range(history: FloatArray) -> tuple[float, float, float]:
 def detect_forecast_result_anomalies(
     payload: ForecastPayload, result: Mapping[str, Any], *, load_scale: float = 1.0
 ) -> list[Anomaly]:
-    """Non-finite/negative forecasts, forecasts outside the (scaled) historical envelope."""
+    """Non-finite/negative forecasts, forecasts outside the (scaled) historical envelope.
+
+    Without a history in the payload (an unresolved `dataset_ref`) only the value checks run.
+    """
     forecast = _floats(_field(result, ForecastResult, "forecast"))
     if forecast is None or forecast.size == 0:
         return []
@@ -747,16 +769,17 @@ def detect_forecast_result_anomalies(
         if bound is not None:
             series[name] = bound
     anomalies: list[Anomaly] = []
-    hist_min, hist_max, hist_med = _history_range(
-        np.asarray(payload.historical_loads, dtype=np.float64)
-    )
-    hist_min, hist_max, hist_med = (v * load_scale for v in (hist_min, hist_max, hist_med))
+    f = forecast[np.isfinite(forecast)]
+    history = _history_range(np.asarray(payload.historical_loads, dtype=np.float64))
+    if history is None:
+        typical = _typical_level(f)
+    else:
+        hist_min, hist_max, typical = (v * load_scale for v in history)
     if (bad := _non_finite(series)) is not None:
         anomalies.append(bad)
-    if (neg := _negative({"forecast": forecast}, hist_med, what="load forecast")) is not None:
+    if (neg := _negative({"forecast": forecast}, typical, what="load forecast")) is not None:
         anomalies.append(neg)
-    f = forecast[np.isfinite(forecast)]
-    if f.size == 0:
+    if f.size == 0 or history is None:
         return anomalies
 
     upper, lower = ENVELOPE_UPPER_RATIO * hist_max, ENVELOPE_LOWER_RATIO * hist_min
@@ -1102,7 +1125,10 @@ def _input_anomalies(payload: AnyPayload) -> list[Anomaly]:
     if payload.load_forecast is None:
         return []
     return detect_input_anomalies(
-        payload.load_forecast, payload.resolution_minutes, field_name="load_forecast"
+        payload.load_forecast,
+        payload.resolution_minutes,
+        field_name="load_forecast",
+        measured=False,
     )
 
 

@@ -26,9 +26,13 @@ def _setup(args: argparse.Namespace) -> Settings:
     from worker import logs, tracing
 
     settings = Settings()
-    if getattr(args, "prefetch", None):
+    if getattr(args, "prefetch", None) and args.command == "worker":
         settings.prefetch = args.prefetch
-    secrets = tuple(s.get_secret_value() for s in (settings.qnn_api_key,) if s is not None)
+    secrets = tuple(
+        s.get_secret_value()
+        for s in (settings.qnn_api_key, settings.embedder_api_key)
+        if s is not None
+    )
     logs.configure(settings.log_level, json=settings.log_json, secrets=secrets)
     tracing.configure(
         settings.tracing_enabled,
@@ -173,6 +177,24 @@ def _run_value(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
 
 
+def cmd_embedder(args: argparse.Namespace) -> int:
+    from worker.embedder import run_embedder
+
+    settings = _setup(args)
+    if args.prefetch:
+        settings.embedder_prefetch = args.prefetch
+    return _run(run_embedder(settings, burst=args.burst))
+
+
+def cmd_similar(args: argparse.Namespace) -> int:
+    from worker.similarity import run_similar
+
+    settings = _setup(args)
+    return _run(
+        run_similar(settings, args.run_id, k=args.k, model=args.model, same_type=not args.any_type)
+    )
+
+
 def cmd_asyncapi(args: argparse.Namespace) -> int:
     from contracts.asyncapi import write_asyncapi
 
@@ -243,6 +265,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--reason", help="only dead letters with this reason")
     q.add_argument("--limit", type=int, help="at most this many")
     q.set_defaults(func=cmd_dlq)
+
+    p = sub.add_parser("embedder", help="embed completed runs' scenarios (embedding.requested)")
+    p.add_argument("--burst", action="store_true", help="exit once its queue is empty")
+    p.add_argument("--prefetch", type=int, help="override EGLO_EMBEDDER_PREFETCH")
+    p.set_defaults(func=cmd_embedder)
+
+    p = sub.add_parser("similar", help="nearest past runs of the same type (pgvector HNSW)")
+    p.add_argument("run_id")
+    p.add_argument("--k", type=int, default=5)
+    p.add_argument("--model", default="features-v1", help="embedding model to search")
+    p.add_argument("--any-type", action="store_true", help="search runs of every type")
+    p.set_defaults(func=cmd_similar)
 
     p = sub.add_parser("asyncapi", help="write the AsyncAPI 3.0 document of eglo's messages")
     p.add_argument("--out", default="docs/asyncapi.yaml")

@@ -47,6 +47,7 @@ from worker.embeddings import (
     EmbeddingRejected,
     close_embedder,
     make_embedder,
+    warm_up_embedder,
 )
 from worker.metrics import DB_BUCKETS, LATENCY_BUCKETS, Metrics
 from worker.settings import Settings
@@ -248,6 +249,9 @@ class EmbedderService:
         em = EmbedderMetrics(self.metrics)
         self.metrics.prefetch.set(config.prefetch)
         try:
+            # Before taking deliveries: a missing model extra must stop the process, not
+            # requeue every event until the delivery limit dead-letters it.
+            await warm_up_embedder(embedder)
             async with _open(settings) as (pool, connection):
                 consume_channel = await connection.channel()
                 await consume_channel.set_qos(prefetch_count=config.prefetch)

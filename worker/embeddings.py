@@ -65,6 +65,13 @@ class Embedder(Protocol):
     async def embed(self, scenarios: Sequence[Mapping[str, Any]]) -> list[Vector]: ...
 
 
+async def warm_up_embedder(embedder: Embedder) -> None:
+    """Load what an embedder loads lazily (a model), for embedders that load anything."""
+    warm_up = getattr(embedder, "warm_up", None)
+    if warm_up is not None:
+        await warm_up()
+
+
 async def close_embedder(embedder: Embedder) -> None:
     """Release what an embedder holds (HTTP pools), for embedders that hold anything."""
     aclose = getattr(embedder, "aclose", None)
@@ -116,7 +123,10 @@ def driving_profile(request_type: str, payload: Mapping[str, Any]) -> tuple[Floa
     forecasts and grid switches are driven by load (MW history converted to kW).
     """
     if request_type == "forecast":
-        loads = _floats(payload["historical_loads"]) * 1000.0
+        loads = _floats(payload.get("historical_loads")) * 1000.0
+        if not loads.size and payload.get("dataset_ref") is not None:
+            # The worker stores the resolved history; a bare reference has nothing to describe.
+            raise ValueError("forecast history given by dataset_ref is not in the stored payload")
         return loads, float(loads.mean()) if loads.size else 0.0
     if request_type == "storage":
         return _floats(payload["price_schedule"]), float(payload["capacity_kwh"])
@@ -408,14 +418,19 @@ class MiniLMEmbedder:
                 f"({exc})"
             ) from exc
 
+    async def warm_up(self) -> None:
+        """Load the model now (seconds), so a missing extra fails at start, not on a batch."""
+        async with self._lock:
+            if self._model is None:
+                self._model = await asyncio.to_thread(self._load)
+
     async def embed(self, scenarios: Sequence[Mapping[str, Any]]) -> list[Vector]:
         try:
             texts = [scenario_text(s) for s in scenarios]
         except (KeyError, TypeError, ValueError) as exc:
             raise EmbeddingRejected(f"cannot render scenario: {type(exc).__name__}: {exc}") from exc
+        await self.warm_up()
         async with self._lock:
-            if self._model is None:
-                self._model = await asyncio.to_thread(self._load)
             # One encode at a time: torch already uses every core for one batch.
             vectors = await asyncio.to_thread(
                 self._model.encode,

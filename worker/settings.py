@@ -53,6 +53,24 @@ class Settings(BaseSettings):
     outbox_batch: int = Field(default=500, ge=1)
     outbox_poll_s: float = Field(default=0.5, gt=0)
 
+    embedder_kind: Literal["features", "minilm", "openai"] = "features"
+    embedder_model: str | None = Field(default=None, description="Override the kind's model.")
+    embedder_dimensions: int | None = Field(default=None, ge=1)
+    embedder_prefetch: int = Field(default=128, ge=1, le=65535)
+    embedder_batch_max: int = Field(default=64, ge=1)
+    embedder_batch_window_ms: float = Field(default=10.0, ge=0)
+    embedder_concurrency: int = Field(default=2, ge=1)
+    embedder_max_attempts: int = Field(
+        default=5, ge=1, le=20, description="Deliveries before a run that never appears is DLQ'd."
+    )
+    embedder_retry_delay_s: float = Field(default=2.0, ge=0)
+    embedder_metrics_port: int = Field(default=9109, ge=0, le=65535)
+    embedder_api_url: str = "https://api.openai.com/v1"
+    embedder_api_key: SecretStr | None = None
+    embedder_api_timeout_s: float = Field(default=30.0, gt=0)
+    embedder_api_batch: int = Field(default=256, ge=1)
+    embedder_api_attempts: int = Field(default=5, ge=1)
+
     metrics_port: int = Field(default=9108, ge=0, le=65535)
     metrics_host: str = "0.0.0.0"
     shutdown_grace_s: float = Field(default=25.0, ge=0)
