@@ -47,6 +47,26 @@ class EmbeddingRequested(Event):
     """`embedding.requested`: a completed run whose scenario should be embedded."""
 
 
+Severity = Literal["low", "medium", "high", "critical"]
+
+
+class AnomalyDetected(Event):
+    """`anomaly.detected.<severity>`: something about a completed run an operator should see."""
+
+    anomaly_id: uuid.UUID
+    anomaly_type: str = Field(description="e.g. input_spike, forecast_outside_envelope.")
+    severity: Severity
+    description: str
+    suggested_actions: list[str]
+    details: dict[str, Any] = Field(default_factory=dict)
+    region: str
+    forecast_date: date
+
+
+def anomaly_routing_key(severity: str) -> str:
+    return f"anomaly.detected.{severity}"
+
+
 def outcome_routing_key(status: RunStatus, request_type: str) -> str:
     return f"run.{status}.{request_type}"
 

@@ -54,7 +54,8 @@ class ForecastPayload(Contract):
     """
 
     historical_loads: list[NonNegative] = Field(
-        default_factory=list, max_length=MAX_HISTORY,
+        default_factory=list,
+        max_length=MAX_HISTORY,
         description=f"Past load in MW, oldest first; at least {MIN_HISTORY} unless dataset_ref.",
     )
     dataset_ref: DatasetRef | None = None

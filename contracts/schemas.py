@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import TypeAdapter
 
-from contracts.events import EmbeddingRequested, RunOutcome
+from contracts.events import AnomalyDetected, EmbeddingRequested, RunOutcome
 from contracts.requests import OptimizationRequest
 from contracts.results import (
     ExecutionMetadata,
@@ -22,6 +22,7 @@ SCHEMAS: dict[str, Any] = {
     "request.v1": TypeAdapter(OptimizationRequest),
     "event.run-outcome.v1": TypeAdapter(RunOutcome),
     "event.embedding-requested.v1": TypeAdapter(EmbeddingRequested),
+    "event.anomaly-detected.v1": TypeAdapter(AnomalyDetected),
     "result.forecast.v1": TypeAdapter(ForecastResult),
     "result.storage.v1": TypeAdapter(StorageResult),
     "result.grid-switch.v1": TypeAdapter(GridSwitchResult),

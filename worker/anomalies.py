@@ -226,9 +226,7 @@ def _rolling_median(x: FloatArray, window: int, *, odd: bool = False) -> FloatAr
 def _box_sum(values: FloatArray, half: int) -> FloatArray:
     """Row-wise sum over the columns j with |j - i| <= half of each column i (zeros beyond)."""
     rows = values.shape[0]
-    padded = np.concatenate(
-        [np.zeros((rows, half + 1)), values, np.zeros((rows, half))], axis=1
-    )
+    padded = np.concatenate([np.zeros((rows, half + 1)), values, np.zeros((rows, half))], axis=1)
     csum = np.cumsum(padded, axis=1)
     return np.asarray(csum[:, 2 * half + 1 :] - csum[:, : -(2 * half + 1)], dtype=np.float64)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -20,6 +21,7 @@ from opentelemetry import trace
 
 from contracts.requests import AnyRequest, request_fingerprint
 from worker import tracing
+from worker.anomalies import Anomaly, detect_run_anomalies
 from worker.intake import Rejection, parse_request
 from worker.metrics import Metrics
 from worker.qnn import QnnClient, QnnRejected, QnnUnavailable
@@ -96,6 +98,7 @@ class Pipeline:
         self._qnn = qnn
         self._store = store
         self._metrics = metrics
+        self._baselines = OperationalBaselines()
 
     async def handle(self, delivery: Delivery) -> Decision:
         started = time.perf_counter()
@@ -196,6 +199,7 @@ class Pipeline:
                     round_trip_ms=answer.round_trip_ms,
                 )
             )
+        anomalies = self._baselines.detect(request, result, answer.round_trip_ms, metadata.cost_usd)
         decision = await self._save(
             record(
                 status="completed",
@@ -203,12 +207,18 @@ class Pipeline:
                 metadata=metadata,
                 call_attempts=answer.call_attempts,
                 round_trip_ms=answer.round_trip_ms,
+                anomalies=tuple(anomalies),
             )
         )
-        if isinstance(decision, Ack) and decision.outcome == "completed" and metadata.cost_usd:
-            self._metrics.qnn_cost.labels(model_id=metadata.model_id or "unknown").inc(
-                metadata.cost_usd
-            )
+        if isinstance(decision, Ack) and decision.outcome == "completed":
+            if metadata.cost_usd:
+                self._metrics.qnn_cost.labels(model_id=metadata.model_id or "unknown").inc(
+                    metadata.cost_usd
+                )
+            for anomaly in anomalies:
+                self._metrics.anomalies.labels(
+                    severity=anomaly.severity, anomaly_type=anomaly.anomaly_type
+                ).inc()
         return decision
 
     async def _save(self, record: RunRecord) -> Decision:
@@ -250,6 +260,34 @@ class Pipeline:
             log.warning("db.unavailable", error=repr(exc)[:200])
             return True
         return False
+
+
+class OperationalBaselines:
+    """Recent QNN latency and cost per request type, the yardstick for operational anomalies.
+
+    Per process and per type: cost grows with problem size, so only like is compared with like.
+    """
+
+    def __init__(self, window: int = 200) -> None:
+        self._latency: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=window))
+        self._cost: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=window))
+
+    def detect(
+        self, request: AnyRequest, result: dict[str, Any], latency_ms: float, cost_usd: float | None
+    ) -> list[Anomaly]:
+        latencies, costs = self._latency[request.request_type], self._cost[request.request_type]
+        found = detect_run_anomalies(
+            request,
+            result,
+            latency_ms=latency_ms,
+            recent_latency_ms=tuple(latencies),
+            cost_usd=cost_usd,
+            recent_cost_usd=tuple(costs),
+        )
+        latencies.append(latency_ms)
+        if cost_usd is not None:
+            costs.append(cost_usd)
+        return found
 
 
 def _outcome(decision: Decision) -> str:

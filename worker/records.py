@@ -11,14 +11,17 @@ import orjson
 
 from contracts.events import (
     EMBEDDING_REQUESTED,
+    AnomalyDetected,
     EmbeddingRequested,
     RunOutcome,
     RunStatus,
+    anomaly_routing_key,
     outcome_routing_key,
 )
 from contracts.requests import AnyRequest
 from contracts.results import ExecutionMetadata
 from worker import tracing
+from worker.anomalies import Anomaly
 from worker.topology import EVENTS_EXCHANGE
 
 
@@ -53,8 +56,16 @@ class RunRecord:
     reply_to: str | None = None
     correlation_id: str | None = None
     occurred_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    anomalies: tuple[Anomaly, ...] = ()
     # Captured where the record is made, inside the run's span, for the events' publish spans.
     trace_headers: dict[str, Any] = field(default_factory=tracing.inject)
+
+    def anomaly_ids(self) -> list[uuid.UUID]:
+        """Stable ids for this run's anomalies, shared by their rows and their events."""
+        return [
+            _event_id(self.run_id, f"anomaly:{i}:{a.anomaly_type}")
+            for i, a in enumerate(self.anomalies)
+        ]
 
     def events(self) -> list[OutboxEvent]:
         """The outcome event (and its reply_to copy), plus embedding.requested on completion."""
@@ -114,6 +125,32 @@ class RunRecord:
                     headers=self.trace_headers,
                 )
             )
+        for anomaly_id, anomaly in zip(self.anomaly_ids(), self.anomalies, strict=True):
+            detected = AnomalyDetected(
+                event_id=_event_id(self.run_id, f"anomaly-event:{anomaly_id}"),
+                event_type=anomaly_routing_key(anomaly.severity),
+                occurred_at=self.occurred_at,
+                run_id=self.run_id,
+                request_id=req.request_id,
+                request_type=req.request_type,
+                anomaly_id=anomaly_id,
+                anomaly_type=anomaly.anomaly_type,
+                severity=anomaly.severity,
+                description=anomaly.description,
+                suggested_actions=list(anomaly.suggested_actions),
+                details=anomaly.details,
+                region=req.region,
+                forecast_date=req.forecast_date,
+            )
+            events.append(
+                OutboxEvent(
+                    detected.event_id,
+                    EVENTS_EXCHANGE,
+                    detected.event_type,
+                    _dump(detected),
+                    headers=self.trace_headers,
+                )
+            )
         return events
 
 
@@ -122,5 +159,5 @@ def _event_id(run_id: uuid.UUID, kind: str) -> uuid.UUID:
     return uuid.uuid5(run_id, kind)
 
 
-def _dump(event: RunOutcome | EmbeddingRequested) -> bytes:
+def _dump(event: RunOutcome | EmbeddingRequested | AnomalyDetected) -> bytes:
     return orjson.dumps(event.model_dump(mode="json", exclude_none=True))

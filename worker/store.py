@@ -70,6 +70,17 @@ FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bytea[], $5::text[], $6::tex
      AS t(event_id, exchange, routing_key, body, correlation_id, headers)
 """
 
+_INSERT_ANOMALIES = """
+INSERT INTO anomalies (id, optimization_run_id, source, anomaly_type, severity, description,
+                       details, suggested_actions, detected_at)
+SELECT id, run_id, 'eglo', anomaly_type, severity, description, details::jsonb,
+       ARRAY(SELECT jsonb_array_elements_text(actions::jsonb)), detected_at
+FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+            $8::timestamptz[])
+     AS t(id, run_id, anomaly_type, severity, description, details, actions, detected_at)
+ON CONFLICT (id) DO NOTHING
+"""
+
 _REPLACE_FAILED = """
 UPDATE optimization_runs AS r
 SET status = t.status, result_payload = t.result_payload::jsonb, error_code = t.error_code,
@@ -213,6 +224,23 @@ class RunStore:
             with_metrics = [r for r in inserted if r.metadata is not None or r.call_attempts]
             if with_metrics:
                 await conn.execute(_INSERT_METRICS, *_metric_columns(with_metrics))
+            found = [
+                (r, i, a)
+                for r in inserted
+                for i, a in zip(r.anomaly_ids(), r.anomalies, strict=True)
+            ]
+            if found:
+                await conn.execute(
+                    _INSERT_ANOMALIES,
+                    [i for _, i, _ in found],
+                    [r.run_id for r, _, _ in found],
+                    [a.anomaly_type for _, _, a in found],
+                    [a.severity for _, _, a in found],
+                    [a.description for _, _, a in found],
+                    [_json(a.details) for _, _, a in found],
+                    [_json(list(a.suggested_actions)) for _, _, a in found],
+                    [r.occurred_at for r, _, _ in found],
+                )
             events = [e for r in inserted for e in r.events()]
             if events:
                 await conn.execute(
