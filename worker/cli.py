@@ -9,6 +9,8 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
+import orjson
+
 from worker.settings import Settings
 
 T = TypeVar("T")
@@ -195,6 +197,54 @@ def cmd_similar(args: argparse.Namespace) -> int:
     )
 
 
+async def _anomalies(settings: Settings, args: argparse.Namespace) -> int:
+    from db.pool import create_pool, database_url
+    from worker import monitoring
+    from worker.qnn import make_http_client
+
+    pool = await create_pool(database_url(settings), size=2)
+    try:
+        async with make_http_client(settings) as qnn:
+            if args.anomalies_command == "sync":
+                new, known = await monitoring.sync_anomalies(pool, qnn)
+                print(f"synced QNN anomalies: {new} new, {known} already known")
+            elif args.anomalies_command == "list":
+                rows = await monitoring.list_anomalies(
+                    pool, unresolved=args.unresolved, limit=args.limit
+                )
+                print(monitoring.format_anomalies(rows))
+            else:
+                try:
+                    source = await monitoring.resolve_anomaly(pool, qnn, args.anomaly_id)
+                except monitoring.AnomalyNotFound as exc:
+                    print(f"eglo anomalies resolve: {exc}", file=sys.stderr)
+                    return 1
+                print(
+                    f"resolved {args.anomaly_id}" + (" (and on the QNN)" if source == "qnn" else "")
+                )
+    finally:
+        await pool.close()
+    return 0
+
+
+def cmd_anomalies(args: argparse.Namespace) -> int:
+    return _run(_anomalies(_setup(args), args))
+
+
+async def _qnn_logs(settings: Settings, model_id: str, limit: int) -> int:
+    from worker.monitoring import model_logs
+    from worker.qnn import make_http_client
+
+    async with make_http_client(settings) as qnn:
+        for entry in (await model_logs(qnn, model_id))[-limit:]:
+            print(orjson.dumps(entry).decode())
+    return 0
+
+
+def cmd_qnn_logs(args: argparse.Namespace) -> int:
+    return _run(_qnn_logs(_setup(args), args.model_id, args.limit))
+
+
 def cmd_asyncapi(args: argparse.Namespace) -> int:
     from contracts.asyncapi import write_asyncapi
 
@@ -277,6 +327,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="features-v1", help="embedding model to search")
     p.add_argument("--any-type", action="store_true", help="search runs of every type")
     p.set_defaults(func=cmd_similar)
+
+    p = sub.add_parser("anomalies", help="anomalies found by eglo and by the QNN")
+    anomalies_sub = p.add_subparsers(dest="anomalies_command", required=True)
+    q = anomalies_sub.add_parser("sync", help="pull /api/v1/monitoring/anomalies/ (no duplicates)")
+    q.set_defaults(func=cmd_anomalies)
+    q = anomalies_sub.add_parser("list", help="newest first")
+    q.add_argument("--unresolved", action="store_true")
+    q.add_argument("--limit", type=int, default=50)
+    q.set_defaults(func=cmd_anomalies)
+    q = anomalies_sub.add_parser("resolve", help="mark resolved (on the QNN too, if it is its)")
+    q.add_argument("anomaly_id")
+    q.set_defaults(func=cmd_anomalies)
+
+    p = sub.add_parser("qnn", help="the QNN's monitoring API")
+    qnn_sub = p.add_subparsers(dest="qnn_command", required=True)
+    q = qnn_sub.add_parser("logs", help="/api/v1/monitoring/models/{model_id}/logs")
+    q.add_argument("model_id")
+    q.add_argument("--limit", type=int, default=50)
+    q.set_defaults(func=cmd_qnn_logs)
 
     p = sub.add_parser("asyncapi", help="write the AsyncAPI 3.0 document of eglo's messages")
     p.add_argument("--out", default="docs/asyncapi.yaml")
