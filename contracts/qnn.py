@@ -61,7 +61,7 @@ def build_predict_body(
             "request_type": request.request_type,
             "region": request.region,
             "forecast_date": request.forecast_date.isoformat(),
-            "payload": request.payload.model_dump(mode="json"),
+            "payload": request.as_json["payload"],
         },
     }
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from datetime import date, datetime
-from typing import Annotated, Final, Literal
+from typing import Annotated, Any, Final, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -193,6 +194,12 @@ class _RequestEnvelope(Contract):
         default=None, description="After this instant the request is stored as expired."
     )
 
+    @functools.cached_property
+    def as_json(self) -> dict[str, Any]:
+        """The request as JSON-ready data, computed once: hashing, the QNN body and storage
+        all need it, and dumping a long history is not free."""
+        return self.model_dump(mode="json")
+
     @model_validator(mode="after")
     def _deadline_has_timezone(self) -> _RequestEnvelope:
         if self.deadline is not None and self.deadline.tzinfo is None:
@@ -229,7 +236,6 @@ AnyRequest = ForecastRequest | StorageRequest | GridSwitchRequest | SimulationRe
 
 def request_fingerprint(request: AnyRequest) -> str:
     """Hash of what the request asks for, to tell a redelivery from a reused request_id."""
-    canonical = orjson.dumps(
-        request.model_dump(mode="json", exclude={"deadline"}), option=orjson.OPT_SORT_KEYS
-    )
+    doc = {k: v for k, v in request.as_json.items() if k != "deadline"}
+    canonical = orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)
     return hashlib.sha256(canonical).hexdigest()

@@ -8,6 +8,7 @@ import sys
 from collections.abc import MutableMapping
 from typing import Any
 
+import orjson
 import structlog
 
 # user:password@ in URLs, and bearer tokens or api keys in free text (error messages included).
@@ -34,13 +35,19 @@ def _scrubber(secrets: tuple[str, ...]) -> structlog.types.Processor:
     return scrub
 
 
+def _orjson_dumps(value: Any, **_: Any) -> bytes:
+    return orjson.dumps(value, default=str)
+
+
 def configure(level: str = "INFO", *, json: bool = True, secrets: tuple[str, ...] = ()) -> None:
     logging.basicConfig(format="%(message)s", stream=sys.stderr, level=level.upper())
     # Per-request INFO lines from the HTTP and AMQP libraries would drown eglo's own events.
     for noisy in ("httpx", "aio_pika", "aiormq"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     renderer: structlog.types.Processor = (
-        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
+        structlog.processors.JSONRenderer(serializer=_orjson_dumps)
+        if json
+        else structlog.dev.ConsoleRenderer(colors=False)
     )
     structlog.configure(
         processors=[
@@ -52,6 +59,10 @@ def configure(level: str = "INFO", *, json: bool = True, secrets: tuple[str, ...
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        logger_factory=(
+            structlog.BytesLoggerFactory(sys.stderr.buffer)
+            if json
+            else structlog.PrintLoggerFactory(sys.stderr)
+        ),
         cache_logger_on_first_use=True,
     )

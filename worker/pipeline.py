@@ -233,7 +233,7 @@ class Pipeline:
         ):
             result = await self._with_db_retry(self._store.save, record)
         if result is SaveResult.INSERTED:
-            log.info("run.stored", run_id=str(record.run_id), status=record.status)
+            log.debug("run.stored", run_id=str(record.run_id), status=record.status)
             return Ack(record.status)
         return self._already_stored(result is SaveResult.DUPLICATE, None)
 
@@ -247,6 +247,11 @@ class Pipeline:
 
     async def _with_db_retry(self, op: Callable[..., Awaitable[T]], *args: Any) -> T:
         """Wait out a database outage: the message stays unacked meanwhile, so nothing is lost."""
+        try:
+            # The retry machinery costs more than the call itself; enter it only when needed.
+            return await op(*args)
+        except DB_TRANSIENT as exc:
+            self._db_transient(exc)
         async for attempt in stamina.retry_context(
             on=self._db_transient, attempts=None, timeout=None, wait_initial=0.2, wait_max=5.0
         ):

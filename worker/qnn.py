@@ -8,6 +8,7 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
+import orjson
 import stamina
 import structlog
 from httpx_aiohttp import AiohttpTransport
@@ -27,6 +28,9 @@ from worker.metrics import Metrics
 from worker.settings import Settings
 
 log = structlog.get_logger(__name__)
+
+
+_JSON_HEADERS = {"Content-Type": "application/json"}
 
 
 class QnnError(Exception):
@@ -178,7 +182,9 @@ class QnnClient:
         started = time.perf_counter()
         status = "error"
         try:
-            response = await self._http.post(PREDICT_PATH, json=body)
+            response = await self._http.post(
+                PREDICT_PATH, content=orjson.dumps(body), headers=_JSON_HEADERS
+            )
             status = str(response.status_code)
         except httpx.TimeoutException:
             status = "timeout"

@@ -13,6 +13,7 @@ import enum
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 import orjson
@@ -121,6 +122,7 @@ class RunStore:
         self._writer_count = writers
         self._on_commit = on_commit
         self._queue: asyncio.Queue[tuple[RunRecord, asyncio.Future[SaveResult]]] = asyncio.Queue()
+        self._lookups: asyncio.Queue[tuple[str, asyncio.Future[StoredRun | None]]] = asyncio.Queue()
         self._writers: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
@@ -128,21 +130,43 @@ class RunStore:
             asyncio.create_task(self._write_loop(), name=f"store-writer-{i}")
             for i in range(self._writer_count)
         ]
+        self._writers.append(asyncio.create_task(self._lookup_loop(), name="store-lookup"))
 
     async def close(self) -> None:
         for task in self._writers:
             task.cancel()
         await asyncio.gather(*self._writers, return_exceptions=True)
-        while not self._queue.empty():
-            _, future = self._queue.get_nowait()
-            if not future.done():
-                future.set_exception(RuntimeError("store closed before commit"))
+        closed = RuntimeError("store closed before commit")
+        for queue in (self._queue, self._lookups):
+            while not queue.empty():
+                _fail([queue.get_nowait()], closed)
 
     async def find(self, request_id: str) -> StoredRun | None:
-        row = await self._pool.fetchrow(_FIND, [request_id])
-        if row is None:
-            return None
-        return StoredRun(row["run_id"], row["request_fingerprint"], row["status"])
+        """The stored run for a request_id, if any; concurrent lookups share one query."""
+        future: asyncio.Future[StoredRun | None] = asyncio.get_running_loop().create_future()
+        await self._lookups.put((request_id, future))
+        return await future
+
+    async def _lookup_loop(self) -> None:
+        while True:
+            batch = await _take_batch(self._lookups, self._batch_max)
+            if not batch:
+                continue
+            try:
+                rows = await self._pool.fetch(_FIND, [request_id for request_id, _ in batch])
+            except asyncio.CancelledError:
+                _fail(batch, RuntimeError("store closed before lookup"))
+                raise
+            except Exception as exc:  # noqa: BLE001 - every caller gets the failure and retries
+                _fail(batch, exc)
+                continue
+            found = {
+                r["request_id"]: StoredRun(r["run_id"], r["request_fingerprint"], r["status"])
+                for r in rows
+            }
+            for request_id, future in batch:
+                if not future.done():
+                    future.set_result(found.get(request_id))
 
     async def save(self, record: RunRecord) -> SaveResult:
         future: asyncio.Future[SaveResult] = asyncio.get_running_loop().create_future()
@@ -151,27 +175,19 @@ class RunStore:
 
     async def _write_loop(self) -> None:
         while True:
-            batch = [await self._queue.get()]
-            while len(batch) < self._batch_max and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            # A caller cancelled while waiting (shutdown) must not be written: it will not ack.
-            batch = [(r, f) for r, f in batch if not f.done()]
+            batch = await _take_batch(self._queue, self._batch_max)
             if not batch:
                 continue
             started = time.perf_counter()
             try:
                 results = await self._write_isolating_bad_rows([r for r, _ in batch])
             except asyncio.CancelledError:
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(RuntimeError("store closed before commit"))
+                _fail(batch, RuntimeError("store closed before commit"))
                 raise
             except Exception as exc:  # noqa: BLE001 - every caller gets the failure and retries
                 self._metrics.db_errors.labels(operation="write_runs").inc()
                 log.warning("db.batch.failed", size=len(batch), error=repr(exc)[:300])
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
+                _fail(batch, exc)
                 continue
             self._metrics.db_write.observe(time.perf_counter() - started)
             self._metrics.db_batch_size.observe(len(batch))
@@ -276,7 +292,7 @@ def _run_columns(records: list[RunRecord]) -> list[list[object]]:
         [r.request.request_type for r in records],
         [r.request.region for r in records],
         [r.request.forecast_date for r in records],
-        [_json(r.request.model_dump(mode="json")) for r in records],
+        [_json(r.request.as_json) for r in records],
         [r.fingerprint for r in records],
         [_json(r.result) for r in records],
         [r.status for r in records],
@@ -307,3 +323,22 @@ def _metric_columns(records: list[RunRecord]) -> list[list[object]]:
         [r.call_attempts for r in records],
         [r.round_trip_ms for r in records],
     ]
+
+
+async def _take_batch(
+    queue: asyncio.Queue[tuple[Any, asyncio.Future[Any]]], most: int
+) -> list[tuple[Any, asyncio.Future[Any]]]:
+    """Wait for one item, then take whatever else is already waiting (up to `most`).
+
+    Callers that gave up meanwhile (cancelled at shutdown) are dropped: they will not ack.
+    """
+    batch = [await queue.get()]
+    while len(batch) < most and not queue.empty():
+        batch.append(queue.get_nowait())
+    return [(item, future) for item, future in batch if not future.done()]
+
+
+def _fail(batch: list[tuple[Any, asyncio.Future[Any]]], exc: BaseException) -> None:
+    for _, future in batch:
+        if not future.done():
+            future.set_exception(exc)
