@@ -18,15 +18,15 @@ from typing import Any
 
 from contracts.requests import REQUEST_TYPES, SCHEMA_VERSION
 from contracts.schemas import render_schemas
+from contracts.topology import (
+    DEAD_LETTER_EXCHANGE,
+    DEAD_LETTER_QUEUE,
+    DELIVERY_LIMIT,
+    EVENTS_EXCHANGE,
+    REQUESTS_EXCHANGE,
+    REQUESTS_QUEUE,
+)
 
-# Literal rather than imported from worker.topology: contracts must not depend on the worker
-# (which pulls in aio-pika); tests/test_asyncapi.py checks these equal the topology's names.
-REQUESTS_EXCHANGE = "eglo.requests"
-REQUESTS_QUEUE = "eglo.requests"
-DEAD_LETTER_EXCHANGE = "eglo.requests.dlx"
-DEAD_LETTER_QUEUE = "eglo.requests.dlq"
-EVENTS_EXCHANGE = "eglo.events"
-DELIVERY_LIMIT = 20
 RUN_STATUSES = ("completed", "failed", "expired")
 SEVERITIES = ("low", "medium", "high", "critical")
 DEAD_LETTER_REASONS = (

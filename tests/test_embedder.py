@@ -16,13 +16,13 @@ import pytest
 from aio_pika.abc import AbstractRobustConnection
 
 from contracts.events import EMBEDDING_REQUESTED, EmbeddingRequested
+from contracts.topology import DETAIL_HEADER, REASON_HEADER
 from producers.sample import generate_requests
 from tests.conftest import make_settings
 from tests.harness import drain_queue, metric, queue_depth, scrape, wait_for
 from tests.test_embeddings import fake_vector, running_fake_api
 from worker import embedder as embedder_module
 from worker import topology
-from worker.consumer import DETAIL_HEADER, REASON_HEADER
 from worker.embedder import EMBEDDINGS_DLQ, EMBEDDINGS_QUEUE, EmbedderConfig, EmbedderService
 from worker.embeddings import (
     EmbedderNotInstalled,

@@ -11,6 +11,7 @@ import asyncpg
 import orjson
 from aio_pika.abc import AbstractRobustConnection
 
+from contracts.topology import ATTEMPT_HEADER, REASON_HEADER
 from producers.publisher import Publisher
 from producers.reader import parse_request
 from producers.sample import generate_requests
@@ -18,8 +19,6 @@ from tests import stub_qnn as stubs
 from tests.conftest import make_settings
 from tests.harness import bind_event_queue, drain_queue, event_bodies, running_worker, wait_for
 from worker import topology
-from worker.consumer import REASON_HEADER
-from worker.pipeline import ATTEMPT_HEADER
 
 
 def _one(kind: str, request_id: str, **changes: Any) -> dict[str, Any]:

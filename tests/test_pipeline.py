@@ -12,6 +12,7 @@ import asyncpg
 import orjson
 from aio_pika.abc import AbstractRobustConnection
 
+from contracts.topology import REASON_HEADER
 from producers.publisher import Publisher
 from producers.reader import parse_request
 from producers.sample import generate_requests
@@ -27,7 +28,6 @@ from tests.harness import (
     wait_for,
 )
 from worker import topology
-from worker.consumer import REASON_HEADER
 
 
 def _invalid_bodies(valid: list[dict[str, Any]]) -> list[tuple[bytes, str | None, str]]:

@@ -11,21 +11,24 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
-from datetime import UTC, datetime
+from datetime import UTC
 from typing import Any
 
-import aio_pika
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
+from contracts.topology import ATTEMPT_HEADER, DETAIL_HEADER, REASON_HEADER
 from worker import tracing
 from worker.metrics import Metrics
-from worker.pipeline import ATTEMPT_HEADER, Ack, DeadLetter, Decision, Delay, Delivery, Pipeline
-from worker.topology import DEAD_LETTER_EXCHANGE, REQUESTS_QUEUE, delay_queue_name
+from worker.pipeline import Ack, DeadLetter, Decision, Delay, Delivery, Pipeline
+from worker.topology import (
+    DEAD_LETTER_EXCHANGE,
+    REQUESTS_QUEUE,
+    delay_queue_name,
+    republished_copy,
+)
 
 log = structlog.get_logger(__name__)
-REASON_HEADER = "x-eglo-dead-letter-reason"
-DETAIL_HEADER = "x-eglo-dead-letter-detail"
 
 
 def to_delivery(message: AbstractIncomingMessage) -> Delivery:
@@ -185,19 +188,7 @@ class Consumer:
     ) -> None:
         headers: dict[str, Any] = dict(message.headers or {})
         headers.update(extra_headers)
-        headers.setdefault("x-eglo-original-routing-key", message.routing_key or "")
-        headers["x-eglo-republished-at"] = datetime.now(UTC).isoformat()
-        copy = aio_pika.Message(
-            message.body,
-            headers=headers,
-            content_type=message.content_type,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=message.message_id,
-            correlation_id=message.correlation_id,
-            reply_to=message.reply_to,
-            timestamp=message.timestamp,
-            type=message.type,
-        )
+        copy = republished_copy(message, headers)
         exchange = (
             self._publish_channel.default_exchange
             if exchange_name == ""

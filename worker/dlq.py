@@ -10,18 +10,23 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
+from contracts.topology import (
+    ATTEMPT_HEADER,
+    DETAIL_HEADER,
+    ORIGINAL_ROUTING_KEY_HEADER,
+    REASON_HEADER,
+    REPLAYED_HEADER,
+    REPUBLISHED_AT_HEADER,
+)
 from worker import topology
-from worker.consumer import DETAIL_HEADER, REASON_HEADER
-from worker.pipeline import ATTEMPT_HEADER, REPLAYED_HEADER
 
-ORIGINAL_ROUTING_KEY = "x-eglo-original-routing-key"
 # Headers that describe the dead-lettering itself; a replayed message starts clean.
 _DEAD_LETTER_HEADERS = (
     REASON_HEADER,
     DETAIL_HEADER,
     ATTEMPT_HEADER,
-    "x-eglo-republished-at",
-    ORIGINAL_ROUTING_KEY,
+    REPUBLISHED_AT_HEADER,
+    ORIGINAL_ROUTING_KEY_HEADER,
     "x-death",
     "x-first-death-exchange",
     "x-first-death-queue",
@@ -48,7 +53,7 @@ def describe(message: AbstractIncomingMessage) -> DeadLetter:
     reason = headers.get(REASON_HEADER) or headers.get("x-first-death-reason") or "unknown"
     return DeadLetter(
         message_id=message.message_id,
-        routing_key=str(headers.get(ORIGINAL_ROUTING_KEY) or message.routing_key or ""),
+        routing_key=str(headers.get(ORIGINAL_ROUTING_KEY_HEADER) or message.routing_key or ""),
         reason=str(reason),
         detail=str(headers.get(DETAIL_HEADER, "")),
         body_preview=message.body[:120].decode("utf-8", "replace"),
@@ -108,16 +113,7 @@ async def replay_dead_letters(
             }
             headers[REPLAYED_HEADER] = True
             await exchange.publish(
-                aio_pika.Message(
-                    message.body,
-                    headers=headers,
-                    content_type=message.content_type,
-                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                    message_id=message.message_id,
-                    correlation_id=message.correlation_id,
-                    reply_to=message.reply_to,
-                    timestamp=message.timestamp,
-                ),
+                topology.republished_copy(message, headers),
                 routing_key=letter.routing_key or "request.unknown",
                 mandatory=True,
             )

@@ -22,7 +22,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
@@ -39,9 +38,9 @@ from prometheus_client import Counter, Histogram
 from pydantic import ValidationError
 
 from contracts.events import EMBEDDING_REQUESTED, EmbeddingRequested
+from contracts.topology import DETAIL_HEADER, REASON_HEADER
 from db.pool import create_pool, database_url
 from worker import http
-from worker.consumer import DETAIL_HEADER, REASON_HEADER
 from worker.embeddings import (
     Embedder,
     EmbeddingRejected,
@@ -51,7 +50,7 @@ from worker.embeddings import (
 )
 from worker.metrics import DB_BUCKETS, LATENCY_BUCKETS, Metrics
 from worker.settings import Settings
-from worker.topology import DELIVERY_LIMIT, EVENTS_EXCHANGE
+from worker.topology import DELIVERY_LIMIT, EVENTS_EXCHANGE, republished_copy
 
 log = structlog.get_logger(__name__)
 
@@ -385,18 +384,7 @@ class EmbedderService:
         headers: dict[str, Any] = dict(message.headers or {})
         headers[REASON_HEADER] = reason
         headers[DETAIL_HEADER] = detail[:1000]
-        headers.setdefault("x-eglo-original-routing-key", message.routing_key or "")
-        headers["x-eglo-republished-at"] = datetime.now(UTC).isoformat()
-        copy = aio_pika.Message(
-            message.body,
-            headers=headers,
-            content_type=message.content_type,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=message.message_id,
-            correlation_id=message.correlation_id,
-            timestamp=message.timestamp,
-            type=message.type,
-        )
+        copy = republished_copy(message, headers)
         await channel.default_exchange.publish(copy, routing_key=EMBEDDINGS_DLQ)
         self.metrics.dead_letters.labels(reason=reason).inc()
         log.warning("embedding.dead_lettered", reason=reason, detail=detail[:300])

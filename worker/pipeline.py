@@ -20,6 +20,7 @@ import structlog
 from opentelemetry import trace
 
 from contracts.requests import AnyRequest, request_fingerprint
+from contracts.topology import ATTEMPT_HEADER, REPLAYED_HEADER
 from worker import tracing
 from worker.anomalies import Anomaly, detect_run_anomalies
 from worker.intake import Rejection, parse_request
@@ -31,8 +32,6 @@ from worker.settings import Settings
 from worker.store import RunStore, SaveResult
 
 log = structlog.get_logger(__name__)
-ATTEMPT_HEADER = "x-eglo-attempt"
-REPLAYED_HEADER = "x-eglo-replayed"
 T = TypeVar("T")
 # Database errors worth waiting out: the server or the network is away, not the data wrong.
 DB_TRANSIENT = (

@@ -2,24 +2,58 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+from typing import Any
+
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, AbstractQueue
 
-REQUESTS_EXCHANGE = "eglo.requests"
-REQUESTS_QUEUE = "eglo.requests"
-DEAD_LETTER_EXCHANGE = "eglo.requests.dlx"
-DEAD_LETTER_QUEUE = "eglo.requests.dlq"
-EVENTS_EXCHANGE = "eglo.events"
-# Poison messages that crash the process on every delivery stop looping after this many.
-DELIVERY_LIMIT = 20
+from contracts.topology import (
+    DEAD_LETTER_EXCHANGE,
+    DEAD_LETTER_QUEUE,
+    DELIVERY_LIMIT,
+    EVENTS_EXCHANGE,
+    ORIGINAL_ROUTING_KEY_HEADER,
+    REPUBLISHED_AT_HEADER,
+    REQUESTS_EXCHANGE,
+    REQUESTS_QUEUE,
+    delay_queue_name,
+    request_routing_key,
+)
+
+__all__ = [
+    "DEAD_LETTER_EXCHANGE",
+    "DEAD_LETTER_QUEUE",
+    "DELIVERY_LIMIT",
+    "EVENTS_EXCHANGE",
+    "REQUESTS_EXCHANGE",
+    "REQUESTS_QUEUE",
+    "Topology",
+    "declare",
+    "delay_queue_name",
+    "republished_copy",
+    "request_routing_key",
+]
 
 
-def request_routing_key(request_type: str) -> str:
-    return f"request.{request_type}"
+def republished_copy(message: AbstractIncomingMessage, headers: dict[str, Any]) -> aio_pika.Message:
+    """A persistent copy of a delivery with these headers, keeping its body and properties.
 
-
-def delay_queue_name(delay_s: float) -> str:
-    return f"eglo.requests.delay.{int(delay_s * 1000)}ms"
+    Used for dead letters, delay tiers and replays, so they keep the producer's ids.
+    """
+    headers.setdefault(ORIGINAL_ROUTING_KEY_HEADER, message.routing_key or "")
+    headers[REPUBLISHED_AT_HEADER] = datetime.now(UTC).isoformat()
+    return aio_pika.Message(
+        message.body,
+        headers=headers,
+        content_type=message.content_type,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=message.message_id,
+        correlation_id=message.correlation_id,
+        reply_to=message.reply_to,
+        timestamp=message.timestamp,
+        type=message.type,
+    )
 
 
 async def declare(channel: AbstractChannel, retry_delays_s: list[float] | None = None) -> Topology:

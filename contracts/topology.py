@@ -1,0 +1,26 @@
+"""The AMQP names other teams code against: exchanges, queues, routing keys and headers."""
+
+from __future__ import annotations
+
+REQUESTS_EXCHANGE = "eglo.requests"
+REQUESTS_QUEUE = "eglo.requests"
+DEAD_LETTER_EXCHANGE = "eglo.requests.dlx"
+DEAD_LETTER_QUEUE = "eglo.requests.dlq"
+EVENTS_EXCHANGE = "eglo.events"
+# Poison messages that crash the process on every delivery stop looping after this many.
+DELIVERY_LIMIT = 20
+
+REASON_HEADER = "x-eglo-dead-letter-reason"
+DETAIL_HEADER = "x-eglo-dead-letter-detail"
+ORIGINAL_ROUTING_KEY_HEADER = "x-eglo-original-routing-key"
+REPUBLISHED_AT_HEADER = "x-eglo-republished-at"
+ATTEMPT_HEADER = "x-eglo-attempt"
+REPLAYED_HEADER = "x-eglo-replayed"
+
+
+def request_routing_key(request_type: str) -> str:
+    return f"request.{request_type}"
+
+
+def delay_queue_name(delay_s: float) -> str:
+    return f"eglo.requests.delay.{int(delay_s * 1000)}ms"
