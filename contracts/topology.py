@@ -16,6 +16,8 @@ ORIGINAL_ROUTING_KEY_HEADER = "x-eglo-original-routing-key"
 REPUBLISHED_AT_HEADER = "x-eglo-republished-at"
 ATTEMPT_HEADER = "x-eglo-attempt"
 REPLAYED_HEADER = "x-eglo-replayed"
+# AMQP's own timestamp property has whole-second resolution: too coarse for latency.
+PUBLISHED_AT_HEADER = "x-eglo-published-at"
 
 
 def request_routing_key(request_type: str) -> str:

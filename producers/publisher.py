@@ -16,6 +16,7 @@ import orjson
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
 
 from contracts.requests import AnyRequest
+from contracts.topology import PUBLISHED_AT_HEADER
 from worker import topology, tracing
 
 
@@ -74,11 +75,13 @@ class Publisher:
             },
         ):
             headers = tracing.inject(properties.pop("headers", None))
+            now = datetime.now(UTC)
+            headers[PUBLISHED_AT_HEADER] = now.isoformat()
             message = aio_pika.Message(
                 body,
                 content_type=content_type,
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                timestamp=datetime.now(UTC),
+                timestamp=now,
                 headers=headers or None,
                 **properties,
             )

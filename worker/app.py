@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from db.pool import create_pool, database_url
 from worker import http, topology
 from worker.breaker import CircuitBreaker, State
 from worker.consumer import Consumer
+from worker.datasets import resolve_request
 from worker.metrics import Metrics
 from worker.outbox import OutboxRelay
 from worker.pipeline import Pipeline
@@ -108,7 +110,13 @@ class Worker:
                 )
                 qnn = QnnClient(http_client, settings, metrics, breaker)
                 consumer = Consumer(
-                    Pipeline(settings, qnn, store, metrics),
+                    Pipeline(
+                        settings,
+                        qnn,
+                        store,
+                        metrics,
+                        datasets=functools.partial(resolve_request, res.pool),
+                    ),
                     consume_channel,
                     publish_channel,
                     metrics,

@@ -11,13 +11,18 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
-from datetime import UTC
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
-from contracts.topology import ATTEMPT_HEADER, DETAIL_HEADER, REASON_HEADER
+from contracts.topology import (
+    ATTEMPT_HEADER,
+    DETAIL_HEADER,
+    PUBLISHED_AT_HEADER,
+    REASON_HEADER,
+)
 from worker import tracing
 from worker.metrics import Metrics
 from worker.pipeline import Ack, DeadLetter, Decision, Delay, Delivery, Pipeline
@@ -32,9 +37,7 @@ log = structlog.get_logger(__name__)
 
 
 def to_delivery(message: AbstractIncomingMessage) -> Delivery:
-    timestamp = message.timestamp
-    if timestamp is not None and timestamp.tzinfo is None:
-        timestamp = timestamp.replace(tzinfo=UTC)
+    timestamp = _published_at(message)
     return Delivery(
         body=message.body,
         content_type=message.content_type,
@@ -43,6 +46,25 @@ def to_delivery(message: AbstractIncomingMessage) -> Delivery:
         reply_to=message.reply_to,
         correlation_id=message.correlation_id,
     )
+
+
+def _published_at(message: AbstractIncomingMessage) -> datetime | None:
+    """When the producer published: eglo's millisecond header if present, else AMQP's
+    whole-second timestamp property."""
+    header = (message.headers or {}).get(PUBLISHED_AT_HEADER)
+    if isinstance(header, bytes):
+        header = header.decode()
+    if isinstance(header, str):
+        try:
+            parsed = datetime.fromisoformat(header)
+        except ValueError:
+            parsed = None
+        if parsed is not None and parsed.tzinfo is not None:
+            return parsed
+    timestamp = message.timestamp
+    if timestamp is not None and timestamp.tzinfo is None:
+        timestamp = timestamp.replace(tzinfo=UTC)
+    return timestamp
 
 
 class Consumer:

@@ -23,6 +23,7 @@ from contracts.requests import AnyRequest, request_fingerprint
 from contracts.topology import ATTEMPT_HEADER, REPLAYED_HEADER
 from worker import tracing
 from worker.anomalies import Anomaly, detect_run_anomalies
+from worker.datasets import DatasetError, dataset_ref_of
 from worker.intake import Rejection, parse_request
 from worker.metrics import Metrics
 from worker.qnn import QnnClient, QnnRejected, QnnUnavailable
@@ -91,13 +92,20 @@ Decision = Ack | DeadLetter | Delay
 
 class Pipeline:
     def __init__(
-        self, settings: Settings, qnn: QnnClient, store: RunStore, metrics: Metrics
+        self,
+        settings: Settings,
+        qnn: QnnClient,
+        store: RunStore,
+        metrics: Metrics,
+        datasets: Callable[[AnyRequest], Awaitable[AnyRequest]] | None = None,
     ) -> None:
+        """`datasets` turns a request's dataset_ref into inline history (from energy_datasets)."""
         self._settings = settings
         self._qnn = qnn
         self._store = store
         self._metrics = metrics
         self._baselines = OperationalBaselines()
+        self._datasets = datasets
 
     async def handle(self, delivery: Delivery) -> Decision:
         started = time.perf_counter()
@@ -162,6 +170,13 @@ class Pipeline:
                     error_message=f"deadline {request.deadline.isoformat()} had passed",
                 )
             )
+        if self._datasets is not None and dataset_ref_of(request) is not None:
+            try:
+                request = await self._with_db_retry(self._datasets, request)
+            except DatasetError as exc:
+                return await self._save(
+                    record(status="failed", error_code="dataset_not_found", error_message=str(exc))
+                )
         try:
             answer = await self._qnn.predict(request)
         except QnnRejected as exc:
