@@ -18,3 +18,6 @@ GRANT SELECT ON energy_datasets TO eglo_worker;
 -- The relay marks events published and prunes old ones.
 GRANT SELECT, INSERT, UPDATE, DELETE ON outbox TO eglo_worker;
 GRANT SELECT ON schema_migrations TO eglo_worker;
+-- Scoring completed forecasts against actuals, and the per-model rollup.
+GRANT SELECT, INSERT, UPDATE ON forecast_scores TO eglo_worker;
+GRANT SELECT, INSERT, UPDATE, DELETE ON model_metrics TO eglo_worker;

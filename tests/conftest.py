@@ -21,6 +21,8 @@ from worker.settings import Settings
 logs.configure("WARNING", json=False)
 
 TABLES = (
+    "forecast_scores",
+    "model_metrics",
     "outbox",
     "anomalies",
     "optimization_embeddings",

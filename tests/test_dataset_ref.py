@@ -57,3 +57,32 @@ async def test_history_is_loaded_from_energy_datasets(
     assert len(runs["by-ref"]["result_payload"]["forecast"]) == 24
     assert (runs["no-data"]["status"], runs["no-data"]["error_code"]) == (
         "failed", "dataset_not_found")
+
+
+async def test_completed_forecast_is_scored_against_stored_actuals(
+    amqp_url: str, database_url: str, pool: asyncpg.Pool, emulator: str
+) -> None:
+    """Actuals already stored: the worker scores the forecast soon after it completes."""
+    from tests.harness import metric
+
+    history = await _store_days(pool, "Scoreland", 8)  # 7 days of history + the actual day
+    doc = _request("scored", "Scoreland", 7)
+    doc["payload"] = {"historical_loads": history[: 7 * 24], "resolution_minutes": 60,
+                      "horizon_steps": 24}
+    settings = make_settings(amqp_url, database_url, emulator)
+    async with running_worker(settings) as worker, Publisher.connect(amqp_url) as publisher:
+        await publisher.publish(parse_request(doc))
+        score = await wait_for(lambda: pool.fetchrow("SELECT * FROM forecast_scores"),
+                               within_s=30)
+        samples = await wait_for(lambda: _gauge_present(worker.metrics_port or 0), within_s=30)
+    assert score["n"] == 24 and score["mape"] is not None
+    assert score["mape"] < 10  # a clean sine day is easy to forecast
+    assert metric(samples, "eglo_forecast_mape_percent", region="Scoreland") == score["mape"]
+
+
+async def _gauge_present(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float] | None:
+    from tests.harness import scrape
+
+    samples = await scrape(port)
+    has = any(name == "eglo_forecast_mape_percent" for name, _ in samples)
+    return samples if has else None

@@ -28,6 +28,7 @@ from worker.metrics import Metrics
 from worker.outbox import OutboxRelay
 from worker.pipeline import Pipeline
 from worker.qnn import QnnClient, make_http_client
+from worker.scoring import BackgroundScorer
 from worker.settings import Settings
 from worker.store import RunStore
 
@@ -109,6 +110,13 @@ class Worker:
                     probe=lambda: qnn.healthy(),
                 )
                 qnn = QnnClient(http_client, settings, metrics, breaker)
+                scorer = (
+                    BackgroundScorer(
+                        res.pool, metrics.forecast_mape, limit=settings.accuracy_gauge_limit
+                    )
+                    if settings.score_forecasts
+                    else None
+                )
                 consumer = Consumer(
                     Pipeline(
                         settings,
@@ -116,6 +124,7 @@ class Worker:
                         store,
                         metrics,
                         datasets=functools.partial(resolve_request, res.pool),
+                        on_forecast=scorer.note if scorer is not None else None,
                     ),
                     consume_channel,
                     publish_channel,
@@ -145,10 +154,14 @@ class Worker:
                 )
                 store.start()
                 relay_task = asyncio.create_task(relay.run(), name="outbox-relay")
-                watch_task = asyncio.create_task(
-                    _watch_queues(res.connection, metrics, _queue_names(settings)),
-                    name="queue-watch",
-                )
+                background = [
+                    asyncio.create_task(
+                        _watch_queues(res.connection, metrics, _queue_names(settings)),
+                        name="queue-watch",
+                    )
+                ]
+                if scorer is not None:
+                    background.append(asyncio.create_task(scorer.run(), name="scorer"))
                 try:
                     await consumer.start()
                     log.info(
@@ -172,13 +185,14 @@ class Worker:
                 finally:
                     await breaker.close()
                     await store.close()
-                    watch_task.cancel()
+                    for task in background:
+                        task.cancel()
                     relay.stop()
                     try:
                         await asyncio.wait_for(relay_task, timeout=10.0)
                     except Exception as exc:  # noqa: BLE001 - unsent events stay in the outbox
                         log.warning("outbox.flush.incomplete", error=repr(exc)[:200])
-                    await asyncio.gather(watch_task, return_exceptions=True)
+                    await asyncio.gather(*background, return_exceptions=True)
                     await runner.cleanup()
         log.info("worker.stopped")
         return 0

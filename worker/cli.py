@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
+import asyncpg
 import orjson
 
 from worker.settings import Settings
@@ -245,6 +247,98 @@ def cmd_qnn_logs(args: argparse.Namespace) -> int:
     return _run(_qnn_logs(_setup(args), args.model_id, args.limit))
 
 
+@contextlib.asynccontextmanager
+async def _pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
+    from db.pool import create_pool, database_url
+
+    pool = await create_pool(database_url(settings), size=2)
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+async def _datasets(settings: Settings, args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from worker import datasets
+    from worker.scoring import score_pending
+
+    async with _pool(settings) as pool:
+        if args.datasets_command == "list":
+            print(datasets.format_datasets(await datasets.list_datasets(pool, args.region)))
+            return 0
+        source = sys.stdin if args.file == "-" else args.file
+        try:
+            with tqdm(unit="day", file=sys.stderr, disable=args.quiet) as bar:
+                report = await datasets.import_datasets(
+                    pool, source, fmt=args.format, progress=bar.update
+                )
+        except datasets.DatasetFormatError as exc:
+            print(f"eglo datasets import: {exc}", file=sys.stderr)
+            return 2
+        datasets.print_errors(report, sys.stderr)
+        print(report, file=sys.stderr)
+        # New actuals: score the forecasts they cover ("whichever arrives later").
+        scored = 0
+        for region, days in report.regions().items():
+            scored += await score_pending(pool, region=region, dates=days)
+        print(f"scored {scored} forecast(s) against the imported actuals", file=sys.stderr)
+        return 3 if report.rejected else 0
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    return _run(_datasets(_setup(args), args))
+
+
+async def _report_accuracy(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.scoring import accuracy_report, format_accuracy, score_pending
+
+    async with _pool(settings) as pool:
+        if args.score:
+            await score_pending(pool, region=args.region)
+        print(format_accuracy(await accuracy_report(pool, args.region, args.model)))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    return _run(_report_accuracy(_setup(args), args))
+
+
+async def _plot(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.plots import RunNotPlottable, plot_run
+
+    async with _pool(settings) as pool:
+        try:
+            print(await plot_run(pool, args.run_id, Path(args.out)))
+        except RunNotPlottable as exc:
+            print(f"eglo plot: {exc}", file=sys.stderr)
+            return 2
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    return _run(_plot(_setup(args), args))
+
+
+async def _maintenance(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.maintenance import run_maintenance
+
+    archive = args.archive_dir or settings.archive_dir
+    async with _pool(settings) as pool:
+        report = await run_maintenance(
+            pool,
+            retention_months=args.retention_months or settings.retention_months,
+            archive_dir=Path(archive) if archive else None,
+        )
+    print(report)
+    return 0
+
+
+def cmd_maintenance(args: argparse.Namespace) -> int:
+    return _run(_maintenance(_setup(args), args))
+
+
 def cmd_asyncapi(args: argparse.Namespace) -> int:
     from contracts.asyncapi import write_asyncapi
 
@@ -346,6 +440,35 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("model_id")
     q.add_argument("--limit", type=int, default=50)
     q.set_defaults(func=cmd_qnn_logs)
+
+    p = sub.add_parser("datasets", help="energy datasets: history and actual loads")
+    datasets_sub = p.add_subparsers(dest="datasets_command", required=True)
+    q = datasets_sub.add_parser("import", help="CSV or NDJSON; bad rows reported and skipped")
+    q.add_argument("file", help="path (.gz too), or - for standard input")
+    q.add_argument("--format", choices=["auto", "csv", "ndjson"], default="auto")
+    q.add_argument("--quiet", action="store_true", help="no progress bar")
+    q.set_defaults(func=cmd_datasets)
+    q = datasets_sub.add_parser("list", help="stored periods per region")
+    q.add_argument("--region")
+    q.set_defaults(func=cmd_datasets)
+
+    p = sub.add_parser("report", help="reports")
+    report_sub = p.add_subparsers(dest="report_command", required=True)
+    q = report_sub.add_parser("accuracy", help="forecast accuracy per model and region")
+    q.add_argument("--region")
+    q.add_argument("--model")
+    q.add_argument("--score", action="store_true", help="score pending forecasts first")
+    q.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("plot", help="draw a run (forecast, storage, grid switch, simulation)")
+    p.add_argument("run_id")
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("maintenance", help="retention: archive and delete runs past it")
+    p.add_argument("--retention-months", type=int, help="override EGLO_RETENTION_MONTHS")
+    p.add_argument("--archive-dir", help="override EGLO_ARCHIVE_DIR")
+    p.set_defaults(func=cmd_maintenance)
 
     p = sub.add_parser("asyncapi", help="write the AsyncAPI 3.0 document of eglo's messages")
     p.add_argument("--out", default="docs/asyncapi.yaml")

@@ -249,11 +249,11 @@ def _open_source(
             path = Path(source)
             if path.suffix == ".gz":
                 stream: TextIO = stack.enter_context(
-                    gzip.open(path, "rt", encoding="utf-8", newline="")
+                    gzip.open(path, "rt", encoding="utf-8-sig", newline="")
                 )
                 suffix = Path(path.stem).suffix
             else:
-                stream = stack.enter_context(path.open(encoding="utf-8", newline=""))
+                stream = stack.enter_context(path.open(encoding="utf-8-sig", newline=""))
                 suffix = path.suffix
             if fmt == "auto" and suffix.lower() == ".csv":
                 fmt = "csv"
@@ -539,10 +539,10 @@ def _resolved_payload(
     payload: ForecastPayload, loads: Sequence[float], temps: Sequence[float] | None, resolution: int
 ) -> dict[str, Any]:
     doc = payload.model_dump()
-    target = resolution
-    # An explicit coarser resolution is honoured by averaging; an unset one follows the data.
-    if "resolution_minutes" in payload.model_fields_set:
-        target = payload.resolution_minutes
+    # The request's resolution_minutes is the forecast's, as for inline history (default 60).
+    # Whether it was set explicitly is not used: a published request carries every default, so
+    # that distinction does not survive the trip through the broker.
+    target = payload.resolution_minutes
     if target % resolution:
         raise DatasetError(
             f"the stored days are at {resolution} minutes; a {target}-minute forecast cannot "
@@ -590,6 +590,8 @@ def resolve_dataset_ref(
     Works for a forecast and for a simulation whose base is a forecast (replaying a stored
     period); any other request, or one already carrying history, comes back unchanged. The
     dataset_ref stays in the payload so the stored input says where the history came from.
+    Data finer than the request's `resolution_minutes` is averaged to it (15-minute days, hourly
+    forecast); data coarser than it is refused.
     Raises ValueError (pydantic's ValidationError or DatasetError) if the result is invalid.
     """
     if dataset_ref_of(request) is None:

@@ -12,6 +12,7 @@ from db.pool import connect, create_pool, database_url
 from producers.publisher import Publisher
 from producers.reader import parse_request
 from producers.sample import generate_requests
+from worker.plots import save_demo_plots
 from worker.processes import free_port, spawn, stop, wait_http_ok
 from worker.report import format_summary, summary
 from worker.settings import Settings
@@ -40,7 +41,10 @@ async def _publish_and_wait(
         table = format_summary(await summary(conn, prefix + "-"))
         if done < len(report.confirmed):
             raise SystemExit(f"timed out: only {done} of {len(report.confirmed)} stored\n{table}")
-        return table + "\n\n" + await _similar_example(conn, prefix, deadline)
+        similar = await _similar_example(conn, prefix, deadline)
+        plots = await save_demo_plots(conn, settings.data_dir / "plots")
+        drawn = "pictures: " + ", ".join(str(p) for p in plots)
+        return f"{table}\n\n{similar}\n\n{drawn}"
     finally:
         await conn.close()
 

@@ -118,6 +118,12 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.forecast_mape = Gauge(
+            "eglo_forecast_mape_percent",
+            "Rolling MAPE of scored forecasts, per model and region (bounded set).",
+            ["model_id", "region"],
+            registry=r,
+        )
         # Series that exist from the start, so dashboards and alerts see zeros, not gaps.
         for request_type in REQUEST_TYPES:
             for outcome in OUTCOMES:

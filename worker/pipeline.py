@@ -19,7 +19,7 @@ import stamina
 import structlog
 from opentelemetry import trace
 
-from contracts.requests import AnyRequest, request_fingerprint
+from contracts.requests import AnyRequest, ForecastRequest, request_fingerprint
 from contracts.topology import ATTEMPT_HEADER, REPLAYED_HEADER
 from worker import tracing
 from worker.anomalies import Anomaly, detect_run_anomalies
@@ -98,6 +98,7 @@ class Pipeline:
         store: RunStore,
         metrics: Metrics,
         datasets: Callable[[AnyRequest], Awaitable[AnyRequest]] | None = None,
+        on_forecast: Callable[[ForecastRequest], None] | None = None,
     ) -> None:
         """`datasets` turns a request's dataset_ref into inline history (from energy_datasets)."""
         self._settings = settings
@@ -106,6 +107,7 @@ class Pipeline:
         self._metrics = metrics
         self._baselines = OperationalBaselines()
         self._datasets = datasets
+        self._on_forecast = on_forecast
 
     async def handle(self, delivery: Delivery) -> Decision:
         started = time.perf_counter()
@@ -229,6 +231,8 @@ class Pipeline:
                 self._metrics.qnn_cost.labels(model_id=metadata.model_id or "unknown").inc(
                     metadata.cost_usd
                 )
+            if self._on_forecast is not None and isinstance(request, ForecastRequest):
+                self._on_forecast(request)
             for anomaly in anomalies:
                 self._metrics.anomalies.labels(
                     severity=anomaly.severity, anomaly_type=anomaly.anomaly_type

@@ -22,6 +22,7 @@ up to today, so a replayed historical period still has a window).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
 from collections.abc import AsyncIterator, Collection, Iterable, Mapping, Sequence
@@ -32,9 +33,12 @@ from typing import Any, Final
 import asyncpg
 import numpy as np
 import orjson
+import structlog
 from numpy.typing import NDArray
 
-from contracts.requests import MAX_STEPS
+from contracts.requests import MAX_STEPS, ForecastRequest
+
+log = structlog.get_logger(__name__)
 
 MINUTES_PER_DAY: Final = 1440
 ROLLUP_WINDOW_DAYS: Final = 28
@@ -175,7 +179,8 @@ FROM optimization_runs r
 CROSS JOIN LATERAL (
     SELECT coalesce((r.result_payload ->> 'resolution_minutes')::int,
                     (r.input_payload -> 'payload' ->> 'resolution_minutes')::int, 60) AS resolution,
-           jsonb_array_length(r.result_payload -> 'forecast') AS steps
+           CASE WHEN jsonb_typeof(r.result_payload -> 'forecast') = 'array'
+                THEN jsonb_array_length(r.result_payload -> 'forecast') END AS steps
 ) AS f
 CROSS JOIN LATERAL (
     SELECT greatest(1, ceil(f.steps * f.resolution / 1440.0))::int AS days
@@ -188,7 +193,7 @@ CROSS JOIN LATERAL (
 ) AS a
 LEFT JOIN forecast_scores s ON s.run_id = r.id
 WHERE r.request_type = 'forecast' AND r.status = 'completed'
-  AND jsonb_typeof(r.result_payload -> 'forecast') = 'array'
+  AND f.steps > 0
   AND ($1::text IS NULL OR r.region = $1)
   AND ($2::date[] IS NULL OR (
         r.forecast_date BETWEEN $3::date AND $4::date
@@ -309,11 +314,21 @@ def _score_row(
         note = str(exc)
     level = result.get("interval_level") if lower is not None else None
     return [
-        cand["id"], region, cand["model_id"], first, cand["resolution"], score.n, score.mape,
-        score.rmse, score.mae, score.r2, score.coverage,
+        cand["id"],
+        region,
+        cand["model_id"],
+        first,
+        cand["resolution"],
+        score.n,
+        score.mape,
+        score.rmse,
+        score.mae,
+        score.r2,
+        score.coverage,
         float(level) if isinstance(level, int | float) else None,
-        cand["actuals_updated_at"], note,
-    ]  # fmt: skip
+        cand["actuals_updated_at"],
+        note,
+    ]
 
 
 async def score_pending(
@@ -459,3 +474,49 @@ async def rolling_mape(
     return [
         (r["model_id"], r["region"], float(r["mape"])) for r in await pool.fetch(_ROLLING, limit)
     ]
+
+
+class BackgroundScorer:
+    """Scores forecasts as the worker completes them, off the ack path.
+
+    Completed forecasts only note their (region, days); a loop scores what has gathered every
+    `interval_s` (one query per region instead of one per run) and refreshes the MAPE gauge.
+    Scoring again when actuals arrive later is `eglo datasets import`'s job.
+    """
+
+    def __init__(
+        self, pool: asyncpg.Pool, gauge: Any, *, limit: int, interval_s: float = 2.0
+    ) -> None:
+        self._pool = pool
+        self._gauge = gauge
+        self._limit = limit
+        self._interval_s = interval_s
+        self._pending: dict[str, set[date]] = {}
+
+    def note(self, request: ForecastRequest) -> None:
+        """A forecast completed: score it once actuals for its days are stored."""
+        payload = request.payload
+        days = self._pending.setdefault(request.region, set())
+        days.update(
+            request.forecast_date + timedelta(days=i)
+            for i in range(span_days(payload.horizon_steps, payload.resolution_minutes))
+        )
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval_s)
+            try:
+                await self.score_now()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - scoring is best effort, retried next round
+                log.warning("scoring.failed", error=repr(exc)[:200])
+
+    async def score_now(self) -> int:
+        pending, self._pending = self._pending, {}
+        scored = 0
+        for region, days in pending.items():
+            scored += await score_pending(self._pool, region=region, dates=days)
+        for model_id, region, value in await rolling_mape(self._pool, self._limit):
+            self._gauge.labels(model_id=model_id, region=region).set(value)
+        return scored

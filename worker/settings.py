@@ -71,6 +71,17 @@ class Settings(BaseSettings):
     embedder_api_batch: int = Field(default=256, ge=1)
     embedder_api_attempts: int = Field(default=5, ge=1)
 
+    retention_months: int = Field(default=12, ge=1, description="Months of runs kept.")
+    archive_dir: Path | None = Field(
+        default=None, description="Where `eglo maintenance` archives runs before deleting them."
+    )
+    accuracy_gauge_limit: int = Field(
+        default=50, ge=1, description="Most (model, region) series in the rolling MAPE gauge."
+    )
+    score_forecasts: bool = Field(
+        default=True, description="Score completed forecasts against stored actuals."
+    )
+
     metrics_port: int = Field(default=9108, ge=0, le=65535)
     metrics_host: str = "0.0.0.0"
     shutdown_grace_s: float = Field(default=25.0, ge=0)
