@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -35,7 +36,7 @@ class OutboxEvent:
     headers: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class RunRecord:
     """A terminal outcome for one request, ready to be written in one transaction."""
 
@@ -67,6 +68,7 @@ class RunRecord:
             for i, a in enumerate(self.anomalies)
         ]
 
+    @functools.cached_property
     def events(self) -> list[OutboxEvent]:
         """The outcome event (and its reply_to copy), plus embedding.requested on completion."""
         req = self.request
