@@ -611,3 +611,266 @@ def test_typical_run_is_checked_in_about_a_millisecond() -> None:
         )
         timings.append(time.perf_counter() - started)
     assert statistics.median(timings) < 0.005
+
+
+# --------------------------------------------------------------------------- fast paths
+#
+# detect_run_anomalies runs on every completed run, so its building blocks are vectorised and
+# take shortcuts. These tests hold them to the straightforward versions (as first written) bit
+# for bit, apart from the sign of a zero z-score.
+
+
+def _reference_rolling_median(x: np.ndarray, window: int) -> np.ndarray:
+    half = window // 2
+    if len(x) <= half:
+        return np.full(len(x), float(np.median(x)))
+    padded = np.pad(x, half, mode="reflect", reflect_type="odd")
+    return np.asarray(
+        np.median(np.lib.stride_tricks.sliding_window_view(padded, window), axis=1)
+    )
+
+
+def _reference_box_sum(values: np.ndarray, half: int) -> np.ndarray:
+    rows = values.shape[0]
+    padded = np.concatenate([np.zeros((rows, half + 1)), values, np.zeros((rows, half))], axis=1)
+    csum = np.cumsum(padded, axis=1)
+    return np.asarray(csum[:, 2 * half + 1 :] - csum[:, : -(2 * half + 1)])
+
+
+def _reference_ring_mean(values: np.ndarray, guard: int, reach: int) -> np.ndarray:
+    finite = np.isfinite(values)
+    filled = np.where(finite, values, 0.0)
+    counts = finite.astype(np.float64)
+    total = _reference_box_sum(filled, reach) - _reference_box_sum(filled, guard)
+    count = _reference_box_sum(counts, reach) - _reference_box_sum(counts, guard)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(count > 0.5, total / np.maximum(count, 1.0), np.inf)
+
+
+def _reference_seasonal(
+    x: np.ndarray, steps_per_day: int, resolution_minutes: int, imputed: np.ndarray
+) -> np.ndarray:
+    n = len(x)
+    level_window = an._odd(2 * an._steps(an.SPIKE_MAX_HOURS, resolution_minutes) + 1)
+    rows: list[np.ndarray] = []
+    for days in an.NEIGHBOUR_DAYS:
+        shift = days * steps_per_day
+        overlap = n - shift
+        if overlap < level_window:
+            continue
+        diff = x[:overlap] - x[shift:]
+        resid = diff - _reference_rolling_median(diff, level_window)
+        ahead = np.full(n, np.nan)
+        ahead[:overlap] = resid
+        behind = np.full(n, np.nan)
+        behind[shift:] = -resid
+        rows += [ahead, behind]
+    if not rows:
+        return np.zeros(n)
+    cand = np.vstack(rows)
+    misfit = np.abs(cand)
+    misfit[:, imputed] = np.nan
+    fit = _reference_ring_mean(
+        misfit,
+        an._steps(an.MATCH_GUARD_HOURS, resolution_minutes),
+        an._steps(an.MATCH_RING_HOURS, resolution_minutes),
+    )
+    fit = np.where(np.isfinite(cand), fit, np.inf)
+    order = np.argsort(fit, axis=0, kind="stable")[: an.NEIGHBOURS_USED]
+    chosen = np.take_along_axis(cand, order, axis=0)
+    chosen_fit = np.take_along_axis(fit, order, axis=0)
+    chosen = np.where(np.isfinite(chosen_fit), chosen, np.nan)
+    count = np.isfinite(chosen).sum(axis=0)
+    ordered = np.sort(chosen, axis=0)
+    first = ordered[0]
+    mid = ordered[1] if len(ordered) > 1 else first
+    resid = np.where(count >= 3, mid, np.where(count == 2, (first + mid) / 2, first))
+    return np.asarray(np.nan_to_num(resid, nan=0.0))
+
+
+def _reference_harmonic(
+    x: np.ndarray, steps_per_day: int, weights: np.ndarray
+) -> tuple[np.ndarray, float] | None:
+    n = len(x)
+    t = np.arange(n, dtype=np.float64)
+    columns = [np.ones(n), t / n - 0.5]
+    for k in range(1, an.HARMONIC_TERMS + 1):
+        angle = 2.0 * np.pi * k * t / steps_per_day
+        columns += [np.cos(angle), np.sin(angle)]
+    design = np.column_stack(columns)
+    params = design.shape[1]
+    if int(weights.sum()) < 2 * params:
+        return None
+    w = weights.astype(np.float64)
+    resid = x
+    for _ in range(an.HARMONIC_IRLS_ITERATIONS):
+        weighted = design.T * w
+        gram = weighted @ design + 1e-9 * np.eye(params)
+        beta = np.linalg.solve(gram, weighted @ x)
+        resid = x - design @ beta
+        scale = max(an.MAD_TO_SIGMA * float(np.median(np.abs(resid[weights]))), 1e-9)
+        u = resid / (an.BISQUARE_TUNING * scale)
+        w = np.where((np.abs(u) < 1.0) & weights, (1.0 - u * u) ** 2, 0.0)
+    inflation = (1.0 + an.HARMONIC_SMALL_SAMPLE / math.sqrt(n - params)) / math.sqrt(
+        1.0 - params / n
+    )
+    return resid, inflation
+
+
+def _reference_spike_scores(
+    values: np.ndarray, resolution_minutes: int, exclude: np.ndarray | None = None
+) -> np.ndarray:
+    y = np.asarray(values, dtype=np.float64)
+    n = y.size
+    mask = np.zeros(n, dtype=bool) if exclude is None else exclude.copy()
+    level = float(np.median(np.abs(y[~mask]))) if (~mask).any() else 0.0
+    if n < 5 or level <= 0.0:
+        return np.zeros(n)
+    if not ((y > an.ZERO_REL_THRESHOLD * level) | mask).all():
+        return np.zeros(n)
+    steps_per_day = max(1, 1440 // resolution_minutes)
+    x = np.log(np.where(mask, level, np.maximum(y, an.ZERO_REL_THRESHOLD * level)))
+    x = an._impute(x, mask, steps_per_day)
+    if n >= an.MIN_SEASONAL_DAYS * steps_per_day:
+        resid = _reference_seasonal(x, steps_per_day, resolution_minutes, mask)
+        inflation = 1.0
+    else:
+        fitted = _reference_harmonic(x, steps_per_day, ~mask)
+        if fitted is None:
+            return np.zeros(n)
+        resid, inflation = fitted
+    resid[mask] = np.nan
+    finite = resid[np.isfinite(resid)]
+    mad = float(np.median(np.abs(finite - np.median(finite)))) if finite.size else 0.0
+    z = resid / max(an.MAD_TO_SIGMA * mad * inflation, an.SPIKE_SCALE_FLOOR)
+    return np.asarray(np.nan_to_num(z, nan=0.0))
+
+
+def _score_cases() -> list[tuple[str, np.ndarray, int, np.ndarray | None]]:
+    """Series the detectors see: sample histories and load forecasts, clean, with anomalies and
+    with masked readings, plus synthetic ones for the rarer paths."""
+    rng = np.random.default_rng(5)
+    cases: list[tuple[str, np.ndarray, int, np.ndarray | None]] = []
+    for doc in _docs(40, 3):
+        payload = doc["payload"]
+        if doc["request_type"] == "simulation":
+            payload = payload["base"]["payload"]
+        loads = payload.get("historical_loads") or payload.get("load_forecast")
+        if not loads:
+            continue
+        y = np.array(loads, dtype=np.float64)
+        res = payload["resolution_minutes"]
+        name = f"{doc['request_id']} ({len(y)} x {res} min)"
+        cases.append((name, y, res, None))
+        spiked = y.copy()
+        for i in rng.integers(0, y.size, 3):
+            spiked[i] *= rng.choice([0.6, 1.4])
+        mask = np.zeros(y.size, dtype=bool)
+        start = int(rng.integers(0, y.size - 4))
+        mask[start : start + 4] = True
+        cases += [(name + " spiked", spiked, res, None), (name + " masked", spiked, res, mask)]
+        per_day = 1440 // res
+        for days in (3, 7):  # fewer neighbour days: readings with only two candidates
+            if y.size > days * per_day:
+                cases.append((f"{name} first {days} days", spiked[: days * per_day], res, None))
+    t = np.arange(10 * 96)
+    periodic = 100.0 + 30.0 * np.sin(2 * np.pi * t / 96)  # 15 min: other window sizes
+    cases.append(("15-min periodic", periodic, 15, None))
+    tied = np.tile(periodic[:96], 10)  # days repeat exactly: fits tie
+    tied[300] *= 1.5
+    cases += [("tied days", tied, 15, None), ("tied days, masked", tied, 15, tied > 125)]
+    for res in (120, 240, 1440):  # coarse: readings without any fitting neighbour
+        coarse = 100.0 + rng.standard_normal(12 * 1440 // res)
+        cases.append((f"{res}-min noise", coarse, res, None))
+    return cases
+
+
+def test_spike_scores_match_the_straightforward_implementation() -> None:
+    """Vectorised seasonal and harmonic scores equal the straightforward ones (clean, with
+    anomalies, with masked readings, with tied neighbour fits, at each resolution)."""
+    cases = _score_cases()
+    assert len(cases) > 60
+    for name, y, res, mask in cases:
+        got = an.spike_scores(y, res, exclude=None if mask is None else mask.copy())
+        want = _reference_spike_scores(y, res, mask)
+        assert np.array_equal(got, want), name  # (-0.0 == 0.0)
+        nonzero = want != 0
+        assert np.array_equal(np.signbit(got[nonzero]), np.signbit(want[nonzero])), name
+
+
+def test_fast_median_is_numpys_median() -> None:
+    """The one-partition median equals np.median, NaN and the sign of zero included."""
+    rng = np.random.default_rng(7)
+    for size in [*range(1, 12), 47, 48, 336]:
+        for _ in range(20):
+            values = np.round(rng.standard_normal(size), 1) * rng.choice([-1.0, 1.0], size)
+            if rng.random() < 0.2:
+                values[rng.integers(size)] = np.nan
+            want = float(np.median(values))
+            got = an._median(values.copy())
+            assert (math.isnan(want) and math.isnan(got)) or (
+                got == want and math.copysign(1, got) == math.copysign(1, want)
+            ), values
+
+
+@pytest.mark.parametrize("window", [3, 5, 9, 17])
+def test_sliding_median_is_numpys_median_of_each_window(window: int) -> None:
+    """Selection networks (windows 5 and 9) and the partition fallback give np.median."""
+    rng = np.random.default_rng(window)
+    for _ in range(200):
+        x = rng.integers(-2, 3, int(rng.integers(window, 80))).astype(np.float64)
+        x[x == 0] *= rng.choice([-1.0, 1.0], int((x == 0).sum()))  # signed zeros
+        if rng.random() < 0.2:
+            x[rng.integers(x.size)] = rng.choice([np.nan, np.inf, -np.inf])
+        want = np.median(np.lib.stride_tricks.sliding_window_view(x, window), axis=1)
+        got = an._sliding_median(x, window)
+        assert np.array_equal(got, want, equal_nan=True)
+        assert np.array_equal(np.signbit(got), np.signbit(want))
+
+
+def test_lapack_solve_is_numpys_solve() -> None:
+    """The direct LAPACK call equals np.linalg.solve and raises the same on a singular matrix."""
+    rng = np.random.default_rng(1)
+    for size in (2, 8):
+        a = rng.standard_normal((size, size))
+        a = a @ a.T + np.eye(size)
+        b = rng.standard_normal(size)
+        assert np.array_equal(an._solve(a, b), np.linalg.solve(a, b))
+    with pytest.raises(np.linalg.LinAlgError):
+        an._solve(np.zeros((3, 3)), np.ones(3))
+
+
+def _result_variants(kind: str) -> list[tuple[AnyRequest, dict[str, Any]]]:
+    """Emulator results for sample requests of `kind`, and copies with one value broken."""
+    rng = np.random.default_rng(9)
+    variants: list[tuple[AnyRequest, dict[str, Any]]] = []
+    for doc in [d for d in _docs(80) if d["request_type"] == kind][:8]:
+        request = _request(doc)
+        result = _stored(request)
+        variants.append((request, result))
+        for broken_value in (-1.0, 1e9, math.nan, math.inf, None, "shorter"):
+            broken = copy.deepcopy(result)
+            series = [v for v in broken.values() if isinstance(v, list)]
+            series += list(broken.get("dispatch_kw", {}).values())
+            assert series
+            target = series[int(rng.integers(len(series)))]
+            if broken_value == "shorter":
+                del target[-1]
+            else:
+                target[int(rng.integers(len(target)))] = broken_value
+            variants.append((request, broken))
+    return variants
+
+
+@pytest.mark.parametrize("kind", ["storage", "grid_switch"])
+def test_quick_limit_checks_agree_with_the_full_checks(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The one-pass check of a quiet schedule/dispatch never hides what the full checks find."""
+    variants = _result_variants(kind)
+    quick = [detect_run_anomalies(request, result) for request, result in variants]
+    monkeypatch.setattr(an, "_within_limits", lambda *_: False)
+    monkeypatch.setattr(an, "_dispatch_within_limits", lambda *_: False)
+    full = [detect_run_anomalies(request, result) for request, result in variants]
+    assert quick == full
+    assert any(quick) and not all(quick)

@@ -13,12 +13,18 @@ precision/recall):
 * Operational anomalies: QNN latency or cost far above its recent baseline.
 
 Every threshold is a module constant below; severities grade by them.
+
+The worker runs this on every run, so the hot paths are vectorised: index plans cached per series
+length and resolution, selection networks for rolling medians, one partition per median, and
+one-pass checks of results with nothing to report. tests/test_anomalies.py holds them to the
+straightforward computations, bit for bit (up to the sign of a zero score).
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
@@ -36,6 +42,7 @@ from contracts.results import ForecastResult, GridSwitchResult, StorageResult
 
 FloatArray = NDArray[np.float64]
 BoolArray = NDArray[np.bool_]
+IntArray = NDArray[np.intp]
 Severity = Literal["low", "medium", "high", "critical"]
 
 __all__ = [
@@ -212,41 +219,75 @@ def _odd(n: int) -> int:
     return n if n % 2 else n + 1
 
 
-def _rolling_median(x: FloatArray, window: int, *, odd: bool = False) -> FloatArray:
-    """Centred rolling median. Edges see a mirror image of the series (`odd`: point-mirrored
-    about the end reading, which continues a trend instead of folding it back)."""
+def _median(values: FloatArray, *, overwrite: bool = False) -> float:
+    """`np.median` of a 1-D float array, bit for bit (NaN if any is NaN), without its overhead.
+
+    One partition: the middle element(s) and the maximum, which is NaN if any value is.
+    `overwrite`: partition `values` itself (a temporary) instead of a copy."""
+    n = values.size
+    if n == 0:
+        return float(np.median(values))  # NaN, with numpy's warning
+    half = n // 2
+    part = values if overwrite else values.copy()  # as np.partition
+    # np.median takes the mean of the middle value(s): a sum that starts from 0.0 (-0.0 + 0.0
+    # is 0.0), over the count.
+    if n % 2:
+        part.partition((half, n - 1))
+        middle = 0.0 + float(part[half])
+    else:
+        part.partition((half - 1, half, n - 1))
+        middle = (0.0 + float(part[half - 1]) + float(part[half])) / 2.0
+    return math.nan if math.isnan(part[n - 1]) else middle
+
+
+def _med3(a: FloatArray, b: FloatArray, c: FloatArray) -> FloatArray:
+    """Element-wise median of three (NaN if any is NaN)."""
+    return np.maximum(np.minimum(a, b), np.minimum(np.maximum(a, b), c))
+
+
+def _sliding_median(x: FloatArray, window: int) -> FloatArray:
+    """Median of every `window` consecutive values (odd `window`), as `np.median` gives it
+    (which adds the middle value to 0.0: no -0.0).
+
+    Windows of 5 and 9 (hourly and half-hourly level windows) use exact selection networks on
+    shared sorted pairs/triples of neighbours: a few whole-array min/max operations instead of
+    one partition per window."""
+    if window == 9 and x.size >= 9:
+        # Sort each triple; the median of three sorted triples is the median of (the largest
+        # minimum, the median of the medians, the smallest maximum).
+        a, b, c = x[:-2], x[1:-1], x[2:]
+        low_ab, high_ab = np.minimum(a, b), np.maximum(a, b)
+        lows, highs = np.minimum(low_ab, c), np.maximum(high_ab, c)
+        mids = np.maximum(low_ab, np.minimum(high_ab, c))
+        largest_low = np.maximum(np.maximum(lows[:-6], lows[3:-3]), lows[6:])
+        smallest_high = np.minimum(np.minimum(highs[:-6], highs[3:-3]), highs[6:])
+        return _med3(largest_low, _med3(mids[:-6], mids[3:-3], mids[6:]), smallest_high) + 0.0
+    if window == 5 and x.size >= 5:
+        # Pairs (0, 1) and (3, 4): their smaller minimum and larger maximum cannot be the
+        # median, which is then the median of the other two and the middle value.
+        lows, highs = np.minimum(x[:-1], x[1:]), np.maximum(x[:-1], x[1:])
+        lower, upper = np.maximum(lows[:-3], lows[3:]), np.minimum(highs[:-3], highs[3:])
+        return _med3(lower, x[2:-2], upper) + 0.0
+    # Other windows: one partition of all windows, at np.median's positions (the middle and the
+    # maximum, NaN if any value is).
     half = window // 2
-    if len(x) <= half:
-        return np.full(len(x), float(np.median(x)))
-    padded = np.pad(x, half, mode="reflect", reflect_type="odd" if odd else "even")
-    windows = np.lib.stride_tricks.sliding_window_view(padded, window)
-    return np.asarray(np.median(windows, axis=1), dtype=np.float64)
+    part = np.partition(np.lib.stride_tricks.sliding_window_view(x, window), (half, -1), axis=1)
+    return np.where(np.isnan(part[:, -1]), np.nan, part[:, half] + 0.0)
 
 
-def _box_sum(values: FloatArray, half: int) -> FloatArray:
-    """Row-wise sum over the columns j with |j - i| <= half of each column i (zeros beyond)."""
-    rows = values.shape[0]
-    padded = np.concatenate([np.zeros((rows, half + 1)), values, np.zeros((rows, half))], axis=1)
-    csum = np.cumsum(padded, axis=1)
-    return np.asarray(csum[:, 2 * half + 1 :] - csum[:, : -(2 * half + 1)], dtype=np.float64)
+def _any(mask: BoolArray) -> bool:
+    """`mask.any()`, in a third of the time on short arrays."""
+    return int(np.count_nonzero(mask)) > 0
 
 
-def _ring_mean(values: FloatArray, guard: int, reach: int) -> FloatArray:
-    """Row-wise mean over the neighbours guard < |j| <= reach of each column, ignoring NaN.
-
-    Columns with no finite neighbour get inf."""
-    finite = np.isfinite(values)
-    filled = np.where(finite, values, 0.0)
-    counts = finite.astype(np.float64)
-    total = _box_sum(filled, reach) - _box_sum(filled, guard)
-    count = _box_sum(counts, reach) - _box_sum(counts, guard)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(count > 0.5, total / np.maximum(count, 1.0), np.inf)
+def _all_finite(values: FloatArray) -> bool:
+    """`np.isfinite(values).all()`, faster on short arrays."""
+    return int(np.count_nonzero(np.isfinite(values))) == values.size
 
 
 def _runs(mask: BoolArray) -> list[tuple[int, int]]:
     """(start, end) inclusive of each run of True."""
-    if not mask.any():
+    if not _any(mask):
         return []
     padded = np.concatenate([[False], mask, [False]])
     edges = np.flatnonzero(padded[1:] != padded[:-1])
@@ -254,15 +295,15 @@ def _runs(mask: BoolArray) -> list[tuple[int, int]]:
 
 
 def _robust_scale(residuals: FloatArray, floor: float) -> float:
-    finite = residuals[np.isfinite(residuals)]
+    finite = residuals if _all_finite(residuals) else residuals[np.isfinite(residuals)]
     if finite.size == 0:
         return floor
-    mad = float(np.median(np.abs(finite - np.median(finite))))
+    mad = _median(np.abs(finite - _median(finite)), overwrite=True)
     return max(MAD_TO_SIGMA * mad, floor)
 
 
 def _typical_level(values: FloatArray) -> float:
-    return float(np.median(np.abs(values))) if values.size else 0.0
+    return _median(np.abs(values), overwrite=True) if values.size else 0.0
 
 
 # --------------------------------------------------------------------------- input: zero runs
@@ -281,8 +322,12 @@ def find_zero_runs(values: Sequence[float] | FloatArray) -> list[SeriesEvent]:
     if y.size == 0:
         return []
     level = _typical_level(y)
-    near_zero = np.abs(y) <= ZERO_REL_THRESHOLD * level
-    if not near_zero.any() or not _far_from_zero(y, near_zero, level):
+    return _zero_runs(y, np.abs(y) <= ZERO_REL_THRESHOLD * level, level)
+
+
+def _zero_runs(y: FloatArray, near_zero: BoolArray, level: float) -> list[SeriesEvent]:
+    """`find_zero_runs` given the typical level and the readings near zero."""
+    if not _any(near_zero) or not _far_from_zero(y, near_zero, level):
         return []
     return [SeriesEvent(INPUT_ZERO_RUN, a, b, 0.0) for a, b in _runs(near_zero)]
 
@@ -302,15 +347,23 @@ def find_flatlines(
     a zero run, and in one that is often zero (a solar site at night) they are normal.
     """
     y = np.asarray(values, dtype=np.float64)
-    min_readings = math.ceil(FLATLINE_MIN_HOURS * 60.0 / resolution_minutes)
-    if y.size < min_readings:
+    if y.size < math.ceil(FLATLINE_MIN_HOURS * 60.0 / resolution_minutes):
         return []
     level = _typical_level(y)
     skip = np.abs(y) <= ZERO_REL_THRESHOLD * level
-    if exclude is not None:
-        skip |= exclude
-    same = np.abs(np.diff(y)) <= FLATLINE_REL_TOLERANCE * level  # readings i and i+1 agree
-    same &= ~(skip[1:] | skip[:-1])
+    return _flatlines(y, resolution_minutes, level, skip if exclude is None else skip | exclude)
+
+
+def _flatlines(
+    y: FloatArray, resolution_minutes: int, level: float, skip: BoolArray
+) -> list[SeriesEvent]:
+    """`find_flatlines` given the typical level and the readings that cannot be in one."""
+    min_readings = math.ceil(FLATLINE_MIN_HOURS * 60.0 / resolution_minutes)
+    if y.size < min_readings:
+        return []
+    same = np.abs(y[1:] - y[:-1]) <= FLATLINE_REL_TOLERANCE * level  # readings i and i+1 agree
+    if _any(skip):
+        same &= ~(skip[1:] | skip[:-1])
     events = []
     for a, b in _runs(same):
         if b - a + 2 >= min_readings:  # b - a + 1 agreeing pairs span b - a + 2 readings
@@ -333,7 +386,7 @@ def _impute(x: FloatArray, mask: BoolArray, steps_per_day: int) -> FloatArray:
         return x
     out = x.copy()
     n = len(x)
-    fill = float(np.median(x[~mask])) if (~mask).any() else 0.0
+    fill = _median(x[~mask], overwrite=True) if _any(~mask) else 0.0
     for a, b in _runs(mask):
         idx = np.arange(a, b + 1)
         edges = [i for i in (a - 1, b + 1) if 0 <= i < n and not mask[i]]
@@ -357,6 +410,117 @@ def _impute(x: FloatArray, mask: BoolArray, steps_per_day: int) -> FloatArray:
     return out
 
 
+@dataclass(frozen=True)
+class _SeasonalPlan:
+    """Index arrays of `_seasonal_residuals` for one series length and resolution (cached).
+
+    The level differences x[j] - x[j + shift] of every neighbour offset are laid out one after
+    the other, each point-mirrored at both ends for the rolling median; candidates form a
+    (rows, n) matrix, rows in NEIGHBOUR_DAYS order (ahead, behind).
+    """
+
+    rows: int  # candidates per reading: ahead and behind per neighbour offset used
+    window: int  # rolling-median window of the level adjustment (odd)
+    guard: int  # ring of the neighbour fit: guard < |j| <= reach
+    reach: int
+    minuend: IntArray  # padded differences: x[minuend] - x[subtrahend] ...
+    subtrahend: IntArray
+    pad: IntArray  # ... then point-mirrored: d[pad] = 2 * d[pad_edge] - d[pad]
+    pad_edge: IntArray
+    starts: IntArray  # first window position of each difference's rolling median
+    centres: IntArray  # each difference itself (starts + window // 2)
+    put_ahead: IntArray  # flat positions in the candidate matrix: reading t against t + shift
+    put_behind: IntArray  # ... and reading t + shift against t (negated)
+    exists: BoolArray  # (rows, n): the candidate exists (the neighbour day is in the series)
+    valid: BoolArray  # ... and has readings in its fit ring (nothing imputed)
+    count: FloatArray  # max(1, readings in the fit ring) (nothing imputed)
+    columns: IntArray  # (1, n): 0 .. n - 1
+    missing: BoolArray  # ~exists
+    three: BoolArray  # readings with at least 3 candidates with a fit (nothing imputed)
+    pairs: IntArray  # readings with only 2 ...
+    singles: IntArray  # ... with only 1 ...
+    unfit: IntArray  # ... with none
+
+
+def _frozen(array: NDArray[Any]) -> NDArray[Any]:
+    array.setflags(write=False)
+    return array
+
+
+def _ring_sums(values: FloatArray, guard: int, reach: int) -> FloatArray:
+    """Row-wise sum over the neighbours guard < |j| <= reach of each column, zeros beyond the
+    ends. The same additions in the same order as two cumulative-sum box filters (radius reach
+    minus radius guard), so bit-identical to them: one cumulative sum serves both, since leading
+    zeros do not change a prefix sum."""
+    n = values.shape[1]
+    padded = np.zeros((values.shape[0], n + 2 * reach + 1))
+    padded[:, reach + 1 : reach + 1 + n] = values
+    csum = np.add.accumulate(padded, axis=1, out=padded)  # np.cumsum, less overhead
+    lo, hi = reach - guard, reach + guard + 1
+    outer = csum[:, 2 * reach + 1 :] - csum[:, :n]
+    return np.asarray(outer - (csum[:, hi : hi + n] - csum[:, lo : lo + n]), dtype=np.float64)
+
+
+@functools.lru_cache(maxsize=128)
+def _seasonal_plan(n: int, steps_per_day: int, resolution_minutes: int) -> _SeasonalPlan:
+    window = _odd(2 * _steps(SPIKE_MAX_HOURS, resolution_minutes) + 1)
+    half = window // 2
+    shifts = [days * steps_per_day for days in NEIGHBOUR_DAYS if n - days * steps_per_day >= window]
+    rows = 2 * len(shifts)
+    parts: dict[str, list[IntArray]] = {
+        k: [] for k in ("src", "shift", "pad", "edge", "starts", "ahead", "behind")
+    }
+    exists = np.zeros((rows, n), dtype=bool)
+    offset = 0
+    for k, shift in enumerate(shifts):
+        overlap = n - shift
+        j = np.arange(overlap)
+        mirrored = np.arange(half)
+        # np.pad(d, half, mode="reflect", reflect_type="odd"): d[half..1] | d | d[-2..-half-1]
+        src = np.concatenate([half - mirrored, j, overlap - 2 - mirrored])
+        parts["src"].append(src)
+        parts["shift"].append(src + shift)
+        parts["pad"].append(offset + np.concatenate([mirrored, half + overlap + mirrored]))
+        parts["edge"].append(
+            offset + np.concatenate([np.full(half, half), np.full(half, half + overlap - 1)])
+        )
+        parts["starts"].append(offset + j)
+        parts["ahead"].append(2 * k * n + j)
+        parts["behind"].append((2 * k + 1) * n + shift + j)
+        exists[2 * k, :overlap] = True
+        exists[2 * k + 1, shift:] = True
+        offset += overlap + 2 * half
+    joined = {k: np.concatenate(v) if v else np.zeros(0, dtype=np.intp) for k, v in parts.items()}
+    guard = _steps(MATCH_GUARD_HOURS, resolution_minutes)
+    reach = _steps(MATCH_RING_HOURS, resolution_minutes)
+    count = _ring_sums(exists.astype(np.float64), guard, reach)
+    valid = (count > 0.5) & exists
+    fitted = valid.sum(axis=0)
+    return _SeasonalPlan(
+        rows=rows,
+        window=window,
+        guard=guard,
+        reach=reach,
+        minuend=_frozen(joined["src"]),
+        subtrahend=_frozen(joined["shift"]),
+        pad=_frozen(joined["pad"]),
+        pad_edge=_frozen(joined["edge"]),
+        starts=_frozen(joined["starts"]),
+        centres=_frozen(joined["starts"] + half),
+        put_ahead=_frozen(joined["ahead"]),
+        put_behind=_frozen(joined["behind"]),
+        exists=_frozen(exists),
+        valid=_frozen(valid),
+        count=_frozen(np.maximum(count, 1.0)),
+        columns=_frozen(np.arange(n)[None, :]),
+        missing=_frozen(~exists),
+        three=_frozen(fitted >= 3),
+        pairs=_frozen(np.flatnonzero(fitted == 2)),
+        singles=_frozen(np.flatnonzero(fitted == 1)),
+        unfit=_frozen(np.flatnonzero(fitted == 0)),
+    )
+
+
 def _seasonal_residuals(
     x: FloatArray, steps_per_day: int, resolution_minutes: int, imputed: BoolArray
 ) -> FloatArray:
@@ -371,43 +535,116 @@ def _seasonal_residuals(
     well they fit MATCH_GUARD_HOURS-MATCH_RING_HOURS around it, and the residuals of the
     NEIGHBOURS_USED best are median-combined, so one mismatched day type or one anomalous
     neighbour does not decide. `imputed` readings (masked and filled) do not count in the fit.
+
+    All offsets are computed together (one gather, one rolling median, one cumulative sum); the
+    index arrays come from a plan cached per series length and resolution.
     """
     n = len(x)
-    level_window = _odd(2 * _steps(SPIKE_MAX_HOURS, resolution_minutes) + 1)
-    rows: list[FloatArray] = []
-    for days in NEIGHBOUR_DAYS:
-        shift = days * steps_per_day
-        overlap = n - shift
-        if overlap < level_window:
-            continue
-        diff = x[:overlap] - x[shift:]
-        resid = diff - _rolling_median(diff, level_window, odd=True)
-        ahead = np.full(n, np.nan)
-        ahead[:overlap] = resid  # reading t against t + shift
-        behind = np.full(n, np.nan)
-        behind[shift:] = -resid  # reading t against t - shift
-        rows += [ahead, behind]
-    if not rows:
+    plan = _seasonal_plan(n, steps_per_day, resolution_minutes)
+    rows = plan.rows
+    if rows == 0:
         return np.zeros(n)
-    cand = np.vstack(rows)
+    diffs = x[plan.minuend] - x[plan.subtrahend]
+    diffs[plan.pad] = 2 * diffs[plan.pad_edge] - diffs[plan.pad]
+    level = _sliding_median(diffs, plan.window)[plan.starts]
+    resid = diffs[plan.centres] - level
+    flat = np.full(rows * n, np.nan)
+    flat[plan.put_ahead] = resid  # reading t against t + shift
+    flat[plan.put_behind] = -resid  # reading t against t - shift
+    cand = flat.reshape(rows, n)
     misfit = np.abs(cand)
-    misfit[:, imputed] = np.nan  # an imputed reading fits the day it was copied from by design
-    fit = _ring_mean(
-        misfit,
-        _steps(MATCH_GUARD_HOURS, resolution_minutes),
-        _steps(MATCH_RING_HOURS, resolution_minutes),
-    )
-    fit = np.where(np.isfinite(cand), fit, np.inf)
-    order = np.argsort(fit, axis=0, kind="stable")[:NEIGHBOURS_USED]
-    chosen = np.take_along_axis(cand, order, axis=0)
-    chosen_fit = np.take_along_axis(fit, order, axis=0)
-    chosen = np.where(np.isfinite(chosen_fit), chosen, np.nan)
-    count = np.isfinite(chosen).sum(axis=0)
-    ordered = np.sort(chosen, axis=0)  # NaN sort last
-    first = ordered[0]
-    mid = ordered[1] if len(ordered) > 1 else first
-    resid = np.where(count >= 3, mid, np.where(count == 2, (first + mid) / 2, first))
-    return np.asarray(np.nan_to_num(resid, nan=0.0), dtype=np.float64)
+    usual = not _any(imputed) and _all_finite(resid)
+    if usual:
+        # Which candidates exist and how many readings each fit ring holds depend only on the
+        # plan (candidates are finite where they exist).
+        valid = plan.valid
+        misfit[plan.missing] = 0.0
+        fit = np.where(valid, _ring_sums(misfit, plan.guard, plan.reach) / plan.count, np.inf)
+    else:
+        exists = np.isfinite(cand)
+        usable = exists.copy()
+        usable[:, imputed] = False  # an imputed reading fits the day it was copied from
+        misfit[~usable] = 0.0
+        sums = _ring_sums(np.concatenate([misfit, usable]), plan.guard, plan.reach)
+        total, count = sums[:rows], sums[rows:]
+        valid = (count > 0.5) & exists
+        fit = np.where(valid, total / np.maximum(count, 1.0), np.inf)
+    # The NEIGHBOURS_USED (3) best-fitting candidates, ties to the earlier row. Those without a
+    # fit (missing neighbours: inf, as misfits are finite) sort last and do not count.
+    picks = np.argsort(fit.T, axis=1, kind="stable")[:, :NEIGHBOURS_USED].T * n + plan.columns
+    if usual and rows >= 3:
+        # Median of the three, or of as many as have a fit (known from the plan; those without
+        # sort last, so they need no masking).
+        first, second, third = flat[picks]
+        combined = _med3(first, second, third)
+        if plan.pairs.size:
+            combined = np.where(plan.three, combined, (first + second) / 2)
+        if plan.singles.size:
+            combined[plan.singles] = first[plan.singles]
+        if plan.unfit.size:
+            combined[plan.unfit] = 0.0
+        return combined
+    chosen = np.where(valid, cand, np.nan).ravel()[picks]
+    first = chosen[0]
+    if len(chosen) < 3:
+        combined = first if len(chosen) < 2 else (first + chosen[1]) / 2
+        combined = np.where(np.isfinite(chosen[-1]), combined, first)
+    else:
+        second, third = chosen[1], chosen[2]
+        combined = np.where(np.isfinite(second), (first + second) / 2, first)
+        combined = np.where(np.isfinite(third), _med3(first, second, third), combined)
+    if not _all_finite(combined):
+        combined = np.nan_to_num(combined, nan=0.0)
+    return np.asarray(combined, dtype=np.float64)
+
+
+def _lapack_solve() -> Callable[..., Any] | None:
+    """numpy's LAPACK solve gufunc for a matrix and a vector, the core of np.linalg.solve."""
+    try:
+        from numpy.linalg import _umath_linalg
+    except ImportError:  # pragma: no cover - another numpy layout: np.linalg.solve instead
+        return None
+    solve1: Callable[..., Any] | None = getattr(_umath_linalg, "solve1", None)
+    return solve1
+
+
+_SOLVE1: Final = _lapack_solve()
+
+
+def _singular(_err: str, _flag: int) -> None:
+    raise np.linalg.LinAlgError("Singular matrix")
+
+
+def _solve(matrix: FloatArray, rhs: FloatArray) -> FloatArray:
+    """`np.linalg.solve(matrix, rhs)` for a float64 matrix and vector, bit for bit: numpy's own
+    LAPACK gufunc under numpy's error state, without the argument handling that costs 3 times
+    the solve of a tiny system (the robust fit makes HARMONIC_IRLS_ITERATIONS solves per score).
+    """
+    if _SOLVE1 is None:
+        return np.asarray(np.linalg.solve(matrix, rhs), dtype=np.float64)
+    with np.errstate(
+        call=_singular, invalid="call", over="ignore", divide="ignore", under="ignore"
+    ):
+        return np.asarray(_SOLVE1(matrix, rhs, signature="dd->d"), dtype=np.float64)
+
+
+@functools.lru_cache(maxsize=64)
+def _harmonic_design(
+    n: int, steps_per_day: int
+) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
+    """Design matrix of level, trend and HARMONIC_TERMS daily harmonics (cached per length and
+    resolution), its ridge term, and the weighted design and normal-equations matrix of the first
+    IRLS step when no reading is masked (all weights 1)."""
+    t = np.arange(n, dtype=np.float64)
+    columns = [np.ones(n), t / n - 0.5]
+    for k in range(1, HARMONIC_TERMS + 1):
+        angle = 2.0 * np.pi * k * t / steps_per_day
+        columns += [np.cos(angle), np.sin(angle)]
+    design = np.column_stack(columns)
+    ridge = 1e-9 * np.eye(design.shape[1])
+    weighted = design.T * np.ones(n)
+    gram = weighted @ design + ridge
+    return _frozen(design), _frozen(ridge), _frozen(weighted), _frozen(gram)
 
 
 def _robust_harmonic_residuals(
@@ -422,25 +659,30 @@ def _robust_harmonic_residuals(
     the fit (fewer than 2 readings per parameter).
     """
     n = len(x)
-    t = np.arange(n, dtype=np.float64)
-    columns = [np.ones(n), t / n - 0.5]
-    for k in range(1, HARMONIC_TERMS + 1):
-        angle = 2.0 * np.pi * k * t / steps_per_day
-        columns += [np.cos(angle), np.sin(angle)]
-    design = np.column_stack(columns)
+    design, ridge, unweighted, unweighted_gram = _harmonic_design(n, steps_per_day)
     params = design.shape[1]
-    if int(weights.sum()) < 2 * params:
+    kept = int(np.count_nonzero(weights))
+    if kept < 2 * params:
         return None
+    every = kept == n
     w = weights.astype(np.float64)
     resid = x
-    for _ in range(HARMONIC_IRLS_ITERATIONS):
-        weighted = design.T * w  # normal equations: tiny and BLAS-thread free
-        gram = weighted @ design + 1e-9 * np.eye(params)
-        beta = np.linalg.solve(gram, weighted @ x)
-        resid = x - design @ beta
-        scale = max(MAD_TO_SIGMA * float(np.median(np.abs(resid[weights]))), 1e-9)
+    for step in range(HARMONIC_IRLS_ITERATIONS):
+        if step == 0 and every:
+            weighted, gram = unweighted, unweighted_gram
+        else:
+            weighted = design.T * w  # normal equations: tiny and BLAS-thread free
+            gram = weighted @ design + ridge
+        resid = x - design @ _solve(gram, weighted @ x)
+        if step == HARMONIC_IRLS_ITERATIONS - 1:
+            break  # the last weights would go unused
+        spread = _median(np.abs(resid if every else resid[weights]), overwrite=True)
+        scale = max(MAD_TO_SIGMA * spread, 1e-9)
         u = resid / (BISQUARE_TUNING * scale)
-        w = np.where((np.abs(u) < 1.0) & weights, (1.0 - u * u) ** 2, 0.0)
+        # Bisquare weights (1 - u^2)^2 inside |u| < 1 (exactly where u * u < 1), else 0.
+        w = np.square(np.maximum(1.0 - u * u, 0.0))
+        if not every:
+            w[~weights] = 0.0
     inflation = (1.0 + HARMONIC_SMALL_SAMPLE / math.sqrt(n - params)) / math.sqrt(1.0 - params / n)
     return np.asarray(resid, dtype=np.float64), inflation
 
@@ -459,17 +701,35 @@ def spike_scores(
     are not a flagged zero run) and series too short to fit are not scored.
     """
     y = np.asarray(values, dtype=np.float64)
+    return _spike_scores(
+        y, resolution_minutes, np.zeros(y.size, dtype=bool) if exclude is None else exclude
+    )
+
+
+def _spike_scores(
+    y: FloatArray, resolution_minutes: int, mask: BoolArray, level: float | None = None
+) -> FloatArray:
+    """`spike_scores` of an array; `level` is the typical level, if known, of an unmasked `y`."""
     n = y.size
-    mask = np.zeros(n, dtype=bool) if exclude is None else exclude.copy()
-    level = _typical_level(y[~mask]) if (~mask).any() else 0.0
+    masked = _any(mask)
+    if masked:
+        kept = ~mask
+        level = _typical_level(y[kept]) if _any(kept) else 0.0
+    elif level is None:
+        level = _typical_level(y)
     if n < 5 or level <= 0.0:
         return np.zeros(n)
-    positive = y > ZERO_REL_THRESHOLD * level
-    if not (positive | mask).all():
+    floor = ZERO_REL_THRESHOLD * level
+    positive = y > floor
+    if masked:
+        positive |= mask
+    if np.count_nonzero(positive) < n:
         return np.zeros(n)  # near-zero readings that are not a flagged zero run
     steps_per_day = max(1, 1440 // resolution_minutes)
-    x = np.log(np.where(mask, level, np.maximum(y, ZERO_REL_THRESHOLD * level)))
-    x = _impute(x, mask, steps_per_day)
+    if masked:
+        x = _impute(np.log(np.where(mask, level, np.maximum(y, floor))), mask, steps_per_day)
+    else:
+        x = np.log(np.maximum(y, floor))
     if n >= MIN_SEASONAL_DAYS * steps_per_day:
         resid = _seasonal_residuals(x, steps_per_day, resolution_minutes, mask)
         scale_inflation = 1.0
@@ -478,9 +738,13 @@ def spike_scores(
         if fitted is None:
             return np.zeros(n)
         resid, scale_inflation = fitted
-    resid[mask] = np.nan
-    z = resid / max(_robust_scale(resid, 0.0) * scale_inflation, SPIKE_SCALE_FLOOR)
-    return np.asarray(np.nan_to_num(z, nan=0.0), dtype=np.float64)
+    scale = _robust_scale(resid[~mask] if masked else resid, 0.0)
+    z = resid / max(scale * scale_inflation, SPIKE_SCALE_FLOOR)
+    if masked:
+        z[mask] = 0.0
+    if not _all_finite(z):
+        z = np.nan_to_num(z, nan=0.0)
+    return np.asarray(z, dtype=np.float64)
 
 
 def _grow_events(z: FloatArray) -> list[SeriesEvent]:
@@ -520,16 +784,24 @@ def find_spikes_and_drops(
     """
     y = np.asarray(values, dtype=np.float64)
     mask = np.zeros(y.size, dtype=bool) if exclude is None else exclude.copy()
+    return _spikes_and_drops(y, resolution_minutes, mask)
+
+
+def _spikes_and_drops(
+    y: FloatArray, resolution_minutes: int, mask: BoolArray, level: float | None = None
+) -> list[SeriesEvent]:
+    """`find_spikes_and_drops` of an array; `mask` (updated in place) holds the excluded
+    readings, `level` the typical level of `y` if known and nothing is excluded."""
     accepted: list[SeriesEvent] = []
     for _ in range(PEEL_ROUNDS):
-        events = _grow_events(spike_scores(y, resolution_minutes, exclude=mask))
+        events = _grow_events(_spike_scores(y, resolution_minutes, mask, level))
         if not events:
             break
         strongest = max(events, key=lambda e: e.score)
         accepted.append(strongest)
         mask[strongest.start : strongest.end + 1] = True
     else:
-        accepted += _grow_events(spike_scores(y, resolution_minutes, exclude=mask))
+        accepted += _grow_events(_spike_scores(y, resolution_minutes, mask))
     return sorted(accepted, key=lambda e: e.start)
 
 
@@ -592,16 +864,20 @@ def find_input_events(
 ) -> list[SeriesEvent]:
     """All input events, in order: zero runs, flatlines, then spikes/drops outside them."""
     y = np.asarray(values, dtype=np.float64)
-    if y.size == 0 or not np.isfinite(y).all():
+    if y.size == 0 or not _all_finite(y):
         return []
-    events = find_zero_runs(y)
+    magnitude = np.abs(y)
+    level = _median(magnitude)  # the typical level, shared by the three detectors
+    near_zero = magnitude <= ZERO_REL_THRESHOLD * level
+    events = _zero_runs(y, near_zero, level)
     mask = np.zeros(y.size, dtype=bool)
     for e in events:
         mask[e.start : e.end + 1] = True
-    flat = find_flatlines(y, resolution_minutes, exclude=mask)
+    flat = _flatlines(y, resolution_minutes, level, near_zero | mask)
     for e in flat:
         mask[e.start : e.end + 1] = True
-    return events + flat + find_spikes_and_drops(y, resolution_minutes, exclude=mask)
+    spikes = _spikes_and_drops(y, resolution_minutes, mask, None if events or flat else level)
+    return events + flat + spikes
 
 
 def detect_input_anomalies(
@@ -658,6 +934,7 @@ def detect_input_anomalies(
 # --------------------------------------------------------------------------- result parsing
 
 
+@functools.cache
 def _aliases(model: type[BaseModel], name: str) -> tuple[str, ...]:
     alias = model.model_fields[name].validation_alias
     names = [name]
@@ -690,8 +967,17 @@ def _floats(raw: Any) -> FloatArray | None:
     return out
 
 
+def _finite_or_zero(values: FloatArray) -> FloatArray:
+    """`values` with NaN and infinities replaced by 0."""
+    finite = np.isfinite(values)
+    return values if np.count_nonzero(finite) == values.size else np.where(finite, values, 0.0)
+
+
 def _non_finite(series: Mapping[str, FloatArray]) -> Anomaly | None:
-    bad = {name: int((~np.isfinite(v)).sum()) for name, v in series.items()}
+    arrays = list(series.values())
+    if len(arrays) > 1 and len({v.size for v in arrays}) == 1 and _all_finite(np.array(arrays)):
+        return None  # equally long series checked in one pass
+    bad = {name: v.size - int(np.count_nonzero(np.isfinite(v))) for name, v in series.items()}
     bad = {k: v for k, v in bad.items() if v}
     if not bad:
         return None
@@ -713,13 +999,16 @@ def _negative(
 ) -> Anomaly | None:
     found: dict[str, dict[str, Any]] = {}
     worst = 0.0
+    threshold = -LIMIT_TOLERANCE * max(typical, 1.0)
     for name, v in series.items():
-        finite = v[np.isfinite(v)]
-        neg = finite < -LIMIT_TOLERANCE * max(typical, 1.0)
+        if v.size == 0 or float(v.min()) >= threshold:
+            continue  # nothing negative (a NaN minimum takes the long way)
+        finite = v if _all_finite(v) else v[np.isfinite(v)]
+        neg = finite < threshold
         if neg.any():
             low = float(finite.min())
             worst = min(worst, low)
-            found[name] = {"count": int(neg.sum()), "min": _r(low)}
+            found[name] = {"count": int(np.count_nonzero(neg)), "min": _r(low)}
     if not found:
         return None
     critical = typical > 0 and -worst > NEGATIVE_CRITICAL_FRACTION * typical
@@ -741,14 +1030,19 @@ def _negative(
 def _history_range(history: FloatArray) -> tuple[float, float, float] | None:
     """(min, max, median) of the history without zero-run readings (they are missing data);
     None without a history (a `dataset_ref` not resolved into `historical_loads`)."""
-    history = history[np.isfinite(history)]
+    if not _all_finite(history):
+        history = history[np.isfinite(history)]
     if history.size == 0:
         return None
-    zero_mask = np.zeros(history.size, dtype=bool)
-    for e in find_zero_runs(history):
-        zero_mask[e.start : e.end + 1] = True
-    kept = history[~zero_mask] if (~zero_mask).any() else history
-    return float(kept.min()), float(kept.max()), float(np.median(kept))
+    zero_runs = find_zero_runs(history)
+    kept = history
+    if zero_runs:
+        zero_mask = np.zeros(history.size, dtype=bool)
+        for e in zero_runs:
+            zero_mask[e.start : e.end + 1] = True
+        if (~zero_mask).any():
+            kept = history[~zero_mask]
+    return float(kept.min()), float(kept.max()), _median(kept)
 
 
 def detect_forecast_result_anomalies(
@@ -758,6 +1052,14 @@ def detect_forecast_result_anomalies(
 
     Without a history in the payload (an unresolved `dataset_ref`) only the value checks run.
     """
+    history = _history_range(np.asarray(payload.historical_loads, dtype=np.float64))
+    return _forecast_result_anomalies(result, history, load_scale)
+
+
+def _forecast_result_anomalies(
+    result: Mapping[str, Any], history: tuple[float, float, float] | None, load_scale: float
+) -> list[Anomaly]:
+    """`detect_forecast_result_anomalies` given the history's `_history_range`."""
     forecast = _floats(_field(result, ForecastResult, "forecast"))
     if forecast is None or forecast.size == 0:
         return []
@@ -767,13 +1069,13 @@ def detect_forecast_result_anomalies(
         if bound is not None:
             series[name] = bound
     anomalies: list[Anomaly] = []
-    f = forecast[np.isfinite(forecast)]
-    history = _history_range(np.asarray(payload.historical_loads, dtype=np.float64))
+    bad = _non_finite(series)
+    f = forecast if bad is None or _all_finite(forecast) else forecast[np.isfinite(forecast)]
     if history is None:
         typical = _typical_level(f)
     else:
         hist_min, hist_max, typical = (v * load_scale for v in history)
-    if (bad := _non_finite(series)) is not None:
+    if bad is not None:
         anomalies.append(bad)
     if (neg := _negative({"forecast": forecast}, typical, what="load forecast")) is not None:
         anomalies.append(neg)
@@ -781,7 +1083,9 @@ def detect_forecast_result_anomalies(
         return anomalies
 
     upper, lower = ENVELOPE_UPPER_RATIO * hist_max, ENVELOPE_LOWER_RATIO * hist_min
-    above, below = int((f > upper).sum()), int((f < lower).sum())
+    f_min, peak = float(f.min()), float(f.max())  # no step beyond a bound its extreme is within
+    above = int(np.count_nonzero(f > upper)) if peak > upper else 0
+    below = int(np.count_nonzero(f < lower)) if f_min < lower else 0
     outside = above + below
     needed = max(2, math.ceil(ENVELOPE_MIN_FRACTION * f.size))
     if outside >= min(needed, f.size):
@@ -813,7 +1117,6 @@ def detect_forecast_result_anomalies(
                 },
             )
         )
-    peak = float(f.max())
     ratio = peak / hist_max if hist_max > 0 else math.inf
     if ratio >= PEAK_RATIO_LOW:
         anomalies.append(
@@ -844,29 +1147,75 @@ def detect_forecast_result_anomalies(
 
 def _excess(values: FloatArray, limit: float, scale: float) -> tuple[int, float]:
     """Steps above `limit` (beyond tolerance) and the worst excess as a fraction of `scale`."""
+    tolerance = LIMIT_TOLERANCE * max(abs(limit), 1.0)
+    # Rounding is monotonic, so no step is over the limit if the largest value is not.
+    if values.size == 0 or float(values.max()) - limit <= tolerance:
+        return 0, 0.0
     over = values - limit
-    bad = over > LIMIT_TOLERANCE * max(abs(limit), 1.0)
+    bad = over > tolerance
     if not bad.any():
         return 0, 0.0
-    return int(bad.sum()), float(over[bad].max()) / max(scale, 1e-12)
+    return int(np.count_nonzero(bad)), float(over[bad].max()) / max(scale, 1e-12)
 
 
-def _soc_paths(
-    payload: StoragePayload, charge: FloatArray, discharge: FloatArray
-) -> dict[str, FloatArray]:
-    """SoC recomputed from charge/discharge under the usual efficiency conventions."""
+def _shortfall(values: FloatArray, limit: float, scale: float) -> tuple[int, float]:
+    """`_excess(-values, -limit, scale)`: steps below `limit` and the worst shortfall."""
+    # -v - (-limit) is limit - v, largest at the smallest v (rounding is monotonic).
+    tolerance = LIMIT_TOLERANCE * max(abs(limit), 1.0)
+    if values.size == 0 or limit - float(values.min()) <= tolerance:
+        return 0, 0.0
+    return _excess(-values, -limit, scale)
+
+
+# Efficiency conventions of the recomputed SoC, in the order of `_soc_paths`' rows.
+_SOC_CONVENTIONS: Final = ("split_sqrt", "on_charge", "on_discharge")
+
+
+@functools.lru_cache(maxsize=256)
+def _efficiencies(efficiency: float) -> tuple[FloatArray, FloatArray]:
+    """Charge and discharge efficiency (columns) of each of the _SOC_CONVENTIONS."""
+    half = math.sqrt(efficiency)
+    # round-trip efficiency split evenly (the emulator's), all on charge, all on discharge
+    eta_c = np.array([[half], [efficiency], [1.0]])
+    eta_d = np.array([[half], [1.0], [efficiency]])
+    return _frozen(eta_c), _frozen(eta_d)
+
+
+def _soc_paths(payload: StoragePayload, charge: FloatArray, discharge: FloatArray) -> FloatArray:
+    """SoC recomputed from charge/discharge under the usual efficiency conventions, one row
+    each (_SOC_CONVENTIONS)."""
     dt = payload.resolution_minutes / 60.0
-    eff = payload.efficiency
-    half = math.sqrt(eff)
-    conventions = {
-        "split_sqrt": (half, half),  # round-trip efficiency split evenly (the emulator's)
-        "on_charge": (eff, 1.0),
-        "on_discharge": (1.0, eff),
-    }
-    return {
-        name: payload.soc_initial_kwh + np.cumsum(eta_c * charge * dt - discharge * dt / eta_d)
-        for name, (eta_c, eta_d) in conventions.items()
-    }
+    eta_c, eta_d = _efficiencies(payload.efficiency)
+    steps = eta_c * charge * dt - discharge * dt / eta_d
+    soc = np.add.accumulate(steps, axis=1)  # np.cumsum, less overhead
+    return np.asarray(payload.soc_initial_kwh + soc, dtype=np.float64)
+
+
+def _within_limits(
+    payload: StoragePayload, charge: FloatArray, discharge: FloatArray, soc: FloatArray
+) -> bool:
+    """True if a schedule of three equally long series (the usual case) has no non-finite or
+    negative value, no step above the power limits and no reported SoC outside its limits:
+    what the full checks would find nothing in, decided on one stacked array. False means the
+    full checks must run."""
+    n = charge.size
+    if n == 0 or discharge.size != n or soc.size != n or n > len(payload.price_schedule):
+        return False
+    stacked = np.array([charge, discharge, soc])
+    if not _all_finite(stacked):
+        return False
+    lowest: list[float] = np.minimum.reduce(stacked, axis=1).tolist()
+    highest: list[float] = np.maximum.reduce(stacked, axis=1).tolist()
+    if min(lowest) < -LIMIT_TOLERANCE * max(payload.capacity_kwh, 1.0):  # as _negative
+        return False
+    # As _excess / _shortfall: with monotonic rounding the extremes decide.
+    for top, limit in zip(
+        highest, (payload.max_charge_kw, payload.max_discharge_kw, payload.soc_max_kwh), strict=True
+    ):
+        if top - limit > LIMIT_TOLERANCE * max(abs(limit), 1.0):
+            return False
+    floor = payload.soc_min_kwh
+    return floor - lowest[2] <= LIMIT_TOLERANCE * max(abs(floor), 1.0)
 
 
 def detect_storage_result_anomalies(
@@ -877,20 +1226,8 @@ def detect_storage_result_anomalies(
         name: _floats(_field(result, StorageResult, name))
         for name in ("charge_kw", "discharge_kw", "soc_kwh")
     }
-    series = {k: v for k, v in raw.items() if v is not None}
-    anomalies: list[Anomaly] = []
-    if (bad := _non_finite(series)) is not None:
-        anomalies.append(bad)
-    if (neg := _negative(series, payload.capacity_kwh, what="power or energy")) is not None:
-        anomalies.append(neg)
     charge, discharge, soc = raw["charge_kw"], raw["discharge_kw"], raw["soc_kwh"]
-    if charge is None or discharge is None or soc is None:
-        return anomalies
-    n = min(charge.size, discharge.size, soc.size, len(payload.price_schedule))
-    charge, discharge, soc = charge[:n], discharge[:n], soc[:n]
-    if n == 0 or not all(np.isfinite(a).all() for a in (charge, discharge, soc)):
-        return anomalies
-
+    anomalies: list[Anomaly] = []
     cap = payload.capacity_kwh
     violations: dict[str, dict[str, Any]] = {}
 
@@ -898,30 +1235,53 @@ def detect_storage_result_anomalies(
         if steps:
             violations[name] = {"steps": steps, "worst_excess_fraction": _r(excess), **extra}
 
-    note("charge_above_max", *_excess(charge, payload.max_charge_kw, payload.max_charge_kw))
-    note(
-        "discharge_above_max",
-        *_excess(discharge, payload.max_discharge_kw, payload.max_discharge_kw),
-    )
-    note("soc_above_max", *_excess(soc, payload.soc_max_kwh, cap))
-    note("soc_below_min", *_excess(-soc, -payload.soc_min_kwh, cap))
+    if (
+        charge is not None
+        and discharge is not None
+        and soc is not None
+        and _within_limits(payload, charge, discharge, soc)
+    ):
+        pass  # nothing for the checks below to find
+    else:
+        series = {k: v for k, v in raw.items() if v is not None}
+        if (bad := _non_finite(series)) is not None:
+            anomalies.append(bad)
+        if (neg := _negative(series, cap, what="power or energy")) is not None:
+            anomalies.append(neg)
+        if charge is None or discharge is None or soc is None:
+            return anomalies
+        n = min(charge.size, discharge.size, soc.size, len(payload.price_schedule))
+        charge, discharge, soc = charge[:n], discharge[:n], soc[:n]
+        if n == 0 or (
+            bad is not None and not all(_all_finite(a) for a in (charge, discharge, soc))
+        ):
+            return anomalies
+        note("charge_above_max", *_excess(charge, payload.max_charge_kw, payload.max_charge_kw))
+        note(
+            "discharge_above_max",
+            *_excess(discharge, payload.max_discharge_kw, payload.max_discharge_kw),
+        )
+        note("soc_above_max", *_excess(soc, payload.soc_max_kwh, cap))
+        note("soc_below_min", *_shortfall(soc, payload.soc_min_kwh, cap))
 
     paths = _soc_paths(payload, charge, discharge)
-    errors = {name: float(np.max(np.abs(path - soc))) for name, path in paths.items()}
-    best = min(errors, key=lambda k: errors[k])
+    errors = np.abs(paths - soc)
+    largest: list[float] = errors.max(axis=1).tolist()
+    error = min(largest)
+    best = largest.index(error)  # the first of equally close conventions
     tol = SOC_TOLERANCE_FRACTION * cap
-    if errors[best] > tol:
+    if error > tol:
         note(
             "soc_inconsistent_with_schedule",
-            int((np.abs(paths[best] - soc) > tol).sum()),
-            errors[best] / cap,
-            closest_convention=best,
-            max_abs_error_kwh=_r(errors[best]),
+            int(np.count_nonzero(errors[best] > tol)),
+            error / cap,
+            closest_convention=_SOC_CONVENTIONS[best],
+            max_abs_error_kwh=_r(error),
         )
     else:
         path = paths[best]
         note("recomputed_soc_above_max", *_excess(path, payload.soc_max_kwh, cap))
-        note("recomputed_soc_below_min", *_excess(-path, -payload.soc_min_kwh, cap))
+        note("recomputed_soc_below_min", *_shortfall(path, payload.soc_min_kwh, cap))
     if not violations:
         return anomalies
     worst = max(v["worst_excess_fraction"] for v in violations.values())
@@ -943,37 +1303,70 @@ def detect_storage_result_anomalies(
 # --------------------------------------------------------------------------- result: grid
 
 
+def _dispatch_within_limits(
+    dispatch: Mapping[str, FloatArray],
+    series: Mapping[str, FloatArray],
+    capacity: Mapping[str, float],
+    n: int,
+) -> bool:
+    """True if every series (dispatch and unserved, all n long: the usual case) is finite and
+    non-negative and no source is dispatched above its capacity: what the non-finite, negative
+    and capacity checks would find nothing in, decided on one stacked array. False means those
+    checks must run."""
+    if n == 0 or not series or any(v.size != n for v in series.values()):
+        return False
+    stacked = np.array(list(series.values()))
+    if not _all_finite(stacked) or float(stacked.min()) < 0.0:
+        return False
+    highest = np.maximum.reduce(stacked, axis=1)  # dispatch rows first, in `dispatch` order
+    for name, top in zip(dispatch, highest, strict=False):
+        limit = capacity.get(name)
+        # As _excess: with monotonic rounding the largest value decides.
+        if limit is not None and float(top) - limit > LIMIT_TOLERANCE * max(abs(limit), 1.0):
+            return False
+    return True
+
+
 def detect_grid_switch_result_anomalies(
     payload: GridSwitchPayload, result: Mapping[str, Any], *, load_scale: float = 1.0
 ) -> list[Anomaly]:
     """Non-finite/negative dispatch, sources above capacity and load left unserved."""
+    loads = np.asarray(payload.load_forecast, dtype=np.float64)
+    return _grid_switch_result_anomalies(payload, result, load_scale, loads)
+
+
+def _grid_switch_result_anomalies(
+    payload: GridSwitchPayload, result: Mapping[str, Any], load_scale: float, loads: FloatArray
+) -> list[Anomaly]:
+    """`detect_grid_switch_result_anomalies` given the load forecast as an array."""
     raw_dispatch = _field(result, GridSwitchResult, "dispatch_kw")
     if not isinstance(raw_dispatch, Mapping):
         return []
-    dispatch = {str(k): v for k, v in raw_dispatch.items()}
-    series = {f"dispatch_kw.{k}": a for k, v in dispatch.items() if (a := _floats(v)) is not None}
+    named = {str(k): v for k, v in raw_dispatch.items()}
+    dispatch = {k: a for k, v in named.items() if (a := _floats(v)) is not None}
+    series = {f"dispatch_kw.{k}": a for k, a in dispatch.items()}
     unserved = _floats(_field(result, GridSwitchResult, "unserved_kw"))
     if unserved is not None:
         series["unserved_kw"] = unserved
-    load = np.asarray(payload.load_forecast, dtype=np.float64) * load_scale
-    typical = _typical_level(load)
-    anomalies: list[Anomaly] = []
-    if (bad := _non_finite(series)) is not None:
-        anomalies.append(bad)
-    if (neg := _negative(series, typical, what="dispatch")) is not None:
-        anomalies.append(neg)
-
+    load = loads * load_scale
     n = load.size
+    capacity = {s.name: s.capacity_kw for s in payload.sources}
+    anomalies: list[Anomaly] = []
+    quiet = _dispatch_within_limits(dispatch, series, capacity, n)
+    bad = None
+    if not quiet:
+        typical = _typical_level(load)
+        if (bad := _non_finite(series)) is not None:
+            anomalies.append(bad)
+        if (neg := _negative(series, typical, what="dispatch")) is not None:
+            anomalies.append(neg)
+
     supplied = np.zeros(n)
     over: dict[str, dict[str, Any]] = {}
-    capacity = {s.name: s.capacity_kw for s in payload.sources}
-    for name, raw_series in dispatch.items():
-        values = _floats(raw_series)
-        if values is None:
-            continue
-        values = np.nan_to_num(values[:n], nan=0.0, posinf=0.0, neginf=0.0)
+    for name, parsed in dispatch.items():
+        values = parsed[:n] if bad is None else _finite_or_zero(parsed[:n])
         supplied[: values.size] += values
-        if name in capacity:
+        if not quiet and name in capacity:
             steps, excess = _excess(values, capacity[name], capacity[name])
             if steps:
                 over[name] = {
@@ -997,32 +1390,36 @@ def detect_grid_switch_result_anomalies(
             )
         )
 
-    reported = np.zeros(n)
-    if unserved is not None:
-        u = np.nan_to_num(unserved[:n], nan=0.0, posinf=0.0, neginf=0.0)
-        reported[: u.size] = u
-    shortfall = np.maximum(np.maximum(reported, load - supplied), 0.0)
+    if unserved is not None and unserved.size >= n and bad is None:
+        reported = unserved[:n]  # (zero-padded to n below otherwise)
+    else:
+        reported = np.zeros(n)
+        if unserved is not None:
+            u = unserved[:n] if bad is None else _finite_or_zero(unserved[:n])
+            reported[: u.size] = u
+    gap = load - supplied
+    shortfall = np.maximum(np.maximum(reported, gap), 0.0)
     short = shortfall > LIMIT_TOLERANCE * np.maximum(load, 1.0)
-    if short.any():
-        share = float(shortfall.sum() / load.sum()) if load.sum() > 0 else 1.0
+    steps = int(np.count_nonzero(short))
+    if steps:
+        unserved_total, load_total = shortfall.sum(), load.sum()
+        share = float(unserved_total / load_total) if load_total > 0 else 1.0
         hours = payload.resolution_minutes / 60.0
         anomalies.append(
             Anomaly(
                 anomaly_type=GRID_UNSERVED_LOAD,
                 severity=_grade(share, UNSERVED_MEDIUM, UNSERVED_HIGH, UNSERVED_CRITICAL),
-                description=(
-                    f"{share:.1%} of the load's energy is unserved over {int(short.sum())} steps"
-                ),
+                description=f"{share:.1%} of the load's energy is unserved over {steps} steps",
                 suggested_actions=(
                     "Arrange additional supply (imports, reserves) or demand response.",
                     "Check source availability and capacities against the load forecast.",
                 ),
                 details={
-                    "steps": int(short.sum()),
-                    "unserved_kwh": _r(float(shortfall.sum() * hours)),
+                    "steps": steps,
+                    "unserved_kwh": _r(float(unserved_total * hours)),
                     "unserved_share": _r(share),
                     "peak_unserved_kw": _r(float(shortfall.max())),
-                    "implied_by_balance": bool((load - supplied > reported + 1e-9)[short].any()),
+                    "implied_by_balance": _any((gap > reported + 1e-9)[short]),
                     "load_scale": load_scale,
                 },
             )
@@ -1045,16 +1442,22 @@ def detect_operational_anomaly(
     at least OP_RATIO_LOW x their median. None below OP_MIN_SAMPLES usable recent values."""
     if current is None or not math.isfinite(current):
         return None
-    history = np.asarray(recent, dtype=np.float64)[-OP_WINDOW:]
-    history = history[np.isfinite(history)]
+    if isinstance(recent, list | tuple):  # (the worker passes a tuple of up to 200)
+        history = np.asarray(recent[-OP_WINDOW:], dtype=np.float64)
+    else:
+        history = np.asarray(recent, dtype=np.float64)[-OP_WINDOW:]
+    if not _all_finite(history):
+        history = history[np.isfinite(history)]
     if history.size < OP_MIN_SAMPLES:
         return None
-    median = float(np.median(history))
-    mad = float(np.median(np.abs(history - median)))
+    median = _median(history)
+    ratio = current / median if median > 0 else (math.inf if current > 0 else 0.0)
+    if ratio < OP_RATIO_LOW:
+        return None  # the usual case, known before the spread is
+    mad = _median(np.abs(history - median), overwrite=True)
     scale = max(MAD_TO_SIGMA * mad, OP_SCALE_FLOOR_FRACTION * abs(median), 1e-12)
     z = (current - median) / scale
-    ratio = current / median if median > 0 else (math.inf if current > 0 else 0.0)
-    if z < OP_Z_THRESHOLD or ratio < OP_RATIO_LOW:
+    if z < OP_Z_THRESHOLD:
         return None
     severity: Severity = (
         "medium"
@@ -1115,15 +1518,35 @@ def detect_cost_anomaly(
 AnyPayload = ForecastPayload | StoragePayload | GridSwitchPayload
 
 
-def _input_anomalies(payload: AnyPayload) -> list[Anomaly]:
+@dataclass(frozen=True)
+class _RunInput:
+    """A payload's load series as an array, converted once per run: a forecast's history (and
+    its `_history_range`), else the load forecast."""
+
+    payload: AnyPayload
+    loads: FloatArray | None
+    history: tuple[float, float, float] | None
+
+    @classmethod
+    def of(cls, payload: AnyPayload) -> _RunInput:
+        if isinstance(payload, ForecastPayload):
+            loads = np.asarray(payload.historical_loads, dtype=np.float64)
+            return cls(payload, loads, _history_range(loads))
+        if payload.load_forecast is None:
+            return cls(payload, None, None)
+        return cls(payload, np.asarray(payload.load_forecast, dtype=np.float64), None)
+
+
+def _input_anomalies(run: _RunInput) -> list[Anomaly]:
+    payload = run.payload
+    if run.loads is None:
+        return []
     if isinstance(payload, ForecastPayload):
         return detect_input_anomalies(
-            payload.historical_loads, payload.resolution_minutes, field_name="historical_loads"
+            run.loads, payload.resolution_minutes, field_name="historical_loads"
         )
-    if payload.load_forecast is None:
-        return []
     return detect_input_anomalies(
-        payload.load_forecast,
+        run.loads,
         payload.resolution_minutes,
         field_name="load_forecast",
         measured=False,
@@ -1131,15 +1554,17 @@ def _input_anomalies(payload: AnyPayload) -> list[Anomaly]:
 
 
 def _result_anomalies(
-    payload: AnyPayload,
+    run: _RunInput,
     result: Mapping[str, Any],
     load_scale: float = 1.0,
 ) -> list[Anomaly]:
+    payload = run.payload
     if isinstance(payload, ForecastPayload):
-        return detect_forecast_result_anomalies(payload, result, load_scale=load_scale)
+        return _forecast_result_anomalies(result, run.history, load_scale)
     if isinstance(payload, StoragePayload):
         return detect_storage_result_anomalies(payload, result, load_scale=load_scale)
-    return detect_grid_switch_result_anomalies(payload, result, load_scale=load_scale)
+    loads = run.loads if run.loads is not None else np.asarray(payload.load_forecast, np.float64)
+    return _grid_switch_result_anomalies(payload, result, load_scale, loads)
 
 
 def _in_scenario(anomaly: Anomaly, name: str) -> Anomaly:
@@ -1165,8 +1590,8 @@ def detect_run_anomalies(
     simulation) and the QNN call's latency and cost against their recent baselines."""
     anomalies: list[Anomaly] = []
     if request.request_type == "simulation":
-        base = request.payload.base
-        anomalies += _input_anomalies(base.payload)
+        run = _RunInput.of(request.payload.base.payload)
+        anomalies += _input_anomalies(run)
         scales = {s.name: s.load_scale for s in request.payload.scenarios}
         outcomes = result.get("scenarios")
         for outcome in outcomes if isinstance(outcomes, list) else []:
@@ -1175,11 +1600,12 @@ def detect_run_anomalies(
             name = str(outcome.get("name", "?"))
             scale = scales.get(name, 1.0)
             # Scenarios scale loads (never battery limits), as the QNN applies them.
-            found = _result_anomalies(base.payload, outcome["result"], scale)
+            found = _result_anomalies(run, outcome["result"], scale)
             anomalies += [_in_scenario(a, name) for a in found]
     else:
-        anomalies += _input_anomalies(request.payload)
-        anomalies += _result_anomalies(request.payload, result)
+        run = _RunInput.of(request.payload)
+        anomalies += _input_anomalies(run)
+        anomalies += _result_anomalies(run, result)
     for op in (
         detect_latency_anomaly(latency_ms, recent_latency_ms),
         detect_cost_anomaly(cost_usd, recent_cost_usd),
