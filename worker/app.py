@@ -101,7 +101,7 @@ class Worker:
                 metrics,
                 batch_max=settings.db_batch_max,
                 writers=settings.db_writers,
-                on_commit=relay.committed,
+                on_commit=relay.wake,
             )
             async with make_http_client(settings) as http_client:
                 breaker = CircuitBreaker(

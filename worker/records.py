@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -36,7 +35,7 @@ class OutboxEvent:
     headers: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RunRecord:
     """A terminal outcome for one request, ready to be written in one transaction."""
 
@@ -68,7 +67,6 @@ class RunRecord:
             for i, a in enumerate(self.anomalies)
         ]
 
-    @functools.cached_property
     def events(self) -> list[OutboxEvent]:
         """The outcome event (and its reply_to copy), plus embedding.requested on completion."""
         req = self.request

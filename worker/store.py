@@ -20,7 +20,7 @@ import orjson
 import structlog
 
 from worker.metrics import Metrics
-from worker.records import OutboxEvent, RunRecord
+from worker.records import RunRecord
 
 log = structlog.get_logger(__name__)
 
@@ -114,7 +114,7 @@ class RunStore:
         *,
         batch_max: int,
         writers: int,
-        on_commit: Callable[[list[OutboxEvent]], None] = lambda events: None,
+        on_commit: Callable[[], None] = lambda: None,
     ) -> None:
         self._pool = pool
         self._metrics = metrics
@@ -198,14 +198,7 @@ class RunStore:
                     future.set_exception(result)
                 else:
                     future.set_result(result)
-            self._on_commit(
-                [
-                    event
-                    for (record, _), result in zip(batch, results, strict=True)
-                    if result is SaveResult.INSERTED
-                    for event in record.events
-                ]
-            )
+            self._on_commit()
 
     async def _write_isolating_bad_rows(
         self, records: list[RunRecord]
@@ -264,7 +257,7 @@ class RunStore:
                     [_json(list(a.suggested_actions)) for _, _, a in found],
                     [r.occurred_at for r, _, _ in found],
                 )
-            events = [e for r in inserted for e in r.events]
+            events = [e for r in inserted for e in r.events()]
             if events:
                 await conn.execute(
                     _INSERT_OUTBOX,
