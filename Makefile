@@ -36,8 +36,14 @@ chaos: install
 	mkdir -p .eglo/chaos
 	$(BIN)/python -m tests.chaos | tee .eglo/chaos/table.md
 
+## bench: ceilings, eglo, the FastStream baseline, memory and scale-out; writes docs/performance.md
+bench: install
+	$(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/python -m benchmarks
+	$(BIN)/python -m benchmarks.profile
+
 lint: install
-	$(BIN)/ruff check worker producers contracts db qnn_emulator tests
+	$(BIN)/ruff check worker producers contracts db qnn_emulator tests benchmarks
 	$(BIN)/mypy worker producers contracts db qnn_emulator
 
 clean:

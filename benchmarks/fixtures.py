@@ -1,0 +1,129 @@
+"""Real QNN answers for the request templates, so the ceilings write and publish what eglo does.
+
+Each template is sent once to the running emulator; its answer is checked the way eglo checks it
+(`worker.result_checks.check_result`) and turned into the event documents eglo sends
+(`contracts.events`: run.completed.<type> and embedding.requested). The ceilings then only swap
+ids per request. The same pass measures the emulator's CPU per call by request type (it competes
+for the cores with the worker).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+
+from benchmarks.harness import Bench, process_cpu
+from contracts.events import (
+    EMBEDDING_REQUESTED,
+    EmbeddingRequested,
+    RunOutcome,
+    outcome_routing_key,
+)
+from contracts.qnn import PREDICT_PATH, build_predict_body, parse_predict_response
+from contracts.requests import AnyRequest, request_fingerprint
+from contracts.results import ExecutionMetadata
+from worker.result_checks import check_result
+
+
+@dataclass
+class Fixture:
+    """What eglo stores and sends for one template request once the QNN has answered."""
+
+    request: AnyRequest
+    fingerprint: str
+    result: dict[str, Any]
+    metadata: ExecutionMetadata
+    round_trip_ms: float
+    outcome_doc: dict[str, Any]  # run.completed.<type> body, template ids
+    outcome_key: str
+    embedding_doc: dict[str, Any]  # embedding.requested body, template ids
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "outcome_key": self.outcome_key,
+            "outcome": self.outcome_doc,
+            "embedding": self.embedding_doc,
+        }
+
+
+async def _answer(client: httpx.AsyncClient, request: AnyRequest) -> Fixture:
+    body = build_predict_body(
+        request, model_id="PRETRAINED_QNN_GRID_MODEL", mode="quantum", optimization_level=1
+    )
+    started = time.perf_counter()
+    response = await client.post(PREDICT_PATH, json=body)
+    round_trip_ms = (time.perf_counter() - started) * 1000
+    response.raise_for_status()
+    raw, raw_meta = parse_predict_response(request.request_type, response.content)
+    result, metadata = check_result(request, raw, raw_meta)
+    # The documents eglo's records turn into events (contracts.events, ids swapped later).
+    run_id = uuid.uuid4()
+    now = datetime.now(UTC)
+    outcome = RunOutcome(
+        event_id=uuid.uuid5(run_id, "outcome:completed"),
+        event_type=outcome_routing_key("completed", request.request_type),
+        occurred_at=now,
+        run_id=run_id,
+        request_id=request.request_id,
+        request_type=request.request_type,
+        status="completed",
+        region=request.region,
+        forecast_date=request.forecast_date,
+        attempts=1,
+        result=result,
+        execution=metadata,
+    )
+    embedding = EmbeddingRequested(
+        event_id=uuid.uuid5(run_id, EMBEDDING_REQUESTED),
+        event_type=EMBEDDING_REQUESTED,
+        occurred_at=now,
+        run_id=run_id,
+        request_id=request.request_id,
+        request_type=request.request_type,
+    )
+    return Fixture(
+        request=request,
+        fingerprint=request_fingerprint(request),
+        result=result,
+        metadata=metadata,
+        round_trip_ms=round_trip_ms,
+        outcome_doc=outcome.model_dump(mode="json", exclude_none=True),
+        outcome_key=outcome.event_type,
+        embedding_doc=embedding.model_dump(mode="json", exclude_none=True),
+    )
+
+
+async def build_fixtures(
+    bench: Bench, concurrency: int = 8
+) -> tuple[list[Fixture], dict[str, float]]:
+    """(one Fixture per template, emulator CPU ms per call by request type)."""
+    templates = bench.workload.templates
+    fixtures: list[Fixture | None] = [None] * len(templates)
+    cpu_ms: dict[str, float] = {}
+    async with httpx.AsyncClient(base_url=bench.qnn_url, timeout=30) as client:
+        # One warm-up call per type: first fits fill the emulator's caches.
+        seen: set[str] = set()
+        for t in templates:
+            if t.request_type not in seen:
+                seen.add(t.request_type)
+                await _answer(client, t)
+        slots = asyncio.Semaphore(concurrency)
+
+        async def one(i: int) -> None:
+            async with slots:
+                fixtures[i] = await _answer(client, templates[i])
+
+        for request_type in sorted(seen):
+            indices = [i for i, t in enumerate(templates) if t.request_type == request_type]
+
+            before = process_cpu(bench.emulator_ps)
+            await asyncio.gather(*(one(i) for i in indices))
+            cpu_ms[request_type] = (process_cpu(bench.emulator_ps) - before) / len(indices) * 1000
+    assert all(f is not None for f in fixtures)
+    return [f for f in fixtures if f is not None], cpu_ms

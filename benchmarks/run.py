@@ -1,0 +1,593 @@
+"""`python -m benchmarks`: eglo's throughput, CPU, latency and memory against two ceilings and a
+FastStream baseline, in one invocation; prints a Markdown table and writes it into
+docs/performance.md (issue 4).
+
+    python -m benchmarks            # full run (N = 20,000; ~15-25 min on 2 cores)
+    python -m benchmarks --quick    # smoke run (~2 min); prints, does not touch the docs
+    python -m benchmarks --only eglo --worker-env EGLO_PREFETCH=256   # one part, a knob turned
+
+Phases (each in a fresh vhost and a fresh database): fixtures (real QNN answers per template),
+DB ceiling, eglo with one worker, AMQP ceiling, FastStream baseline, eglo with two workers,
+memory with a large backlog. Logs of every child process go to .eglo/bench/<stamp>/, and all
+figures to results.json there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import platform
+import shlex
+import sys
+import time
+import traceback
+import warnings
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any, TypeVar
+
+import orjson
+import structlog
+
+from benchmarks import amqp_ceiling, db_ceiling, e2e
+from benchmarks.fixtures import build_fixtures
+from benchmarks.harness import LOG_ROOT, Drain, Latency, open_bench, wait_quiet
+from benchmarks.report import num, verdict, write_section
+
+PHASES = ("db", "eglo", "amqp", "baseline", "scaleout", "memory")
+T = TypeVar("T")
+
+
+@dataclasses.dataclass
+class Sizes:
+    requests: int
+    baseline_requests: int
+    scaleout_requests: int
+    memory_backlog: int
+    memory_seconds: float
+    latency_seconds: float
+    distinct: int
+    db_writers: int
+    db_batch: int
+
+
+FULL = Sizes(20_000, 20_000, 20_000, 100_000, 60.0, 30.0, 400, 4, 100)
+QUICK = Sizes(1_500, 1_000, 1_500, 5_000, 12.0, 6.0, 100, 4, 100)
+
+
+@dataclasses.dataclass
+class Results:
+    started_at: str
+    command: str
+    mode: str
+    sizes: Sizes
+    worker_env: dict[str, str]
+    emulator_cpu_ms: dict[str, float] = dataclasses.field(default_factory=dict)
+    mix: dict[str, int] = dataclasses.field(default_factory=dict)
+    mean_request_bytes: float = 0.0
+    db: db_ceiling.DbCeiling | None = None
+    amqp: tuple[Drain, Latency | None] | None = None
+    amqp_latency_basis: str = ""
+    eglo: e2e.E2E | None = None
+    baseline: e2e.E2E | None = None
+    scaleout: e2e.E2E | None = None
+    memory: e2e.Memory | None = None
+    errors: dict[str, str] = dataclasses.field(default_factory=dict)
+    phase_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    quiet: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+    quiet_wait_s: float = 60.0
+    retry_disturbed: bool = True
+    # No more re-runs once the run is this old, so a busy machine cannot stretch it forever.
+    retry_budget_s: float = 14 * 60
+    clock_started: float = dataclasses.field(default_factory=time.perf_counter)
+    total_seconds: float = 0.0
+    environment: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+DISTURBED_CORES = 0.3
+
+
+def _foreign(result: object) -> float | None:
+    """Cores other work used while `result` was measured (None when not measured)."""
+    if isinstance(result, e2e.E2E):
+        return result.drain.foreign_cores
+    if isinstance(result, tuple) and result and isinstance(result[0], Drain):
+        return result[0].foreign_cores
+    return None
+
+
+async def _phase(results: Results, name: str, make: Callable[[], Awaitable[T]]) -> T | None:
+    """Run one phase; if other work on the machine disturbed it, run it once more and keep the
+    less disturbed result."""
+    started = time.perf_counter()
+    kept: T | None = None
+    try:
+        for attempt in (1, 2):
+            waited, busy = await wait_quiet(max_wait_s=results.quiet_wait_s)
+            results.quiet[f"{name}#{attempt}"] = {
+                "waited_s": round(waited, 1),
+                "busy_cores": round(busy, 2),
+            }
+            print(
+                f"[bench] {name} ... (machine busy {busy:.2f} cores after waiting {waited:.0f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
+            result = await make()
+            foreign = _foreign(result)
+            if kept is None or (foreign or 0.0) < (_foreign(kept) or 0.0):
+                kept = result
+            over_budget = time.perf_counter() - results.clock_started > results.retry_budget_s
+            if (
+                foreign is None
+                or foreign <= DISTURBED_CORES
+                or not results.retry_disturbed
+                or over_budget
+            ):
+                break
+            if attempt == 2:
+                break
+            print(
+                f"[bench] {name}: other work used {foreign:.2f} cores meanwhile; once more",
+                file=sys.stderr,
+                flush=True,
+            )
+        return kept
+    except Exception as exc:  # noqa: BLE001 - one broken phase must not lose the others
+        results.errors[name] = f"{type(exc).__name__}: {exc}"
+        traceback.print_exc()
+        return kept
+    finally:
+        results.phase_seconds[name] = round(time.perf_counter() - started, 1)
+        print(
+            f"[bench] {name} done in {results.phase_seconds[name]} s", file=sys.stderr, flush=True
+        )
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version(), "cores": str(os.cpu_count())}
+    for dist in ("aio-pika", "aiormq", "asyncpg", "faststream", "httpx", "uvloop", "psutil"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "missing"
+    out["load average before"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    return out
+
+
+async def run(args: argparse.Namespace, sizes: Sizes, results: Results, log_dir: Path) -> None:
+    phases = set(args.only or PHASES)
+    async with open_bench(
+        distinct=sizes.distinct, log_dir=log_dir, worker_env=results.worker_env
+    ) as bench:
+        results.mix = bench.workload.mix(sizes.requests)
+        results.mean_request_bytes = bench.workload.mean_body_bytes()
+        fixtures = await _phase(results, "fixtures", lambda: build_fixtures(bench))
+        if fixtures is None:
+            return
+        fixture_list, results.emulator_cpu_ms = fixtures
+        fixtures_path = log_dir / "fixtures.json"
+        fixtures_path.write_bytes(orjson.dumps([f.to_json() for f in fixture_list]))
+        if "db" in phases:
+            results.db = await _phase(
+                results,
+                "db",
+                lambda: db_ceiling.run(
+                    bench,
+                    fixture_list,
+                    sizes.requests,
+                    writers=sizes.db_writers,
+                    batch=sizes.db_batch,
+                ),
+            )
+        if "eglo" in phases:
+            results.eglo = await _phase(
+                results, "eglo", lambda: e2e.eglo(bench, sizes.requests, sizes.latency_seconds)
+            )
+        if "amqp" in phases:
+            rate, basis = _amqp_offered_load(results, args)
+            results.amqp_latency_basis = basis
+            results.amqp = await _phase(
+                results,
+                "amqp",
+                lambda: amqp_ceiling.run(
+                    bench, fixtures_path, sizes.requests, rate, sizes.latency_seconds
+                ),
+            )
+            if results.amqp is not None and rate is None:
+                # No eglo figure in this run: time it at half its own maximum instead.
+                drain = results.amqp[0]
+                results.amqp_latency_basis = "half the AMQP ceiling's own maximum (no eglo run)"
+                results.amqp = await _phase(
+                    results,
+                    "amqp-latency",
+                    lambda: amqp_ceiling.run(
+                        bench,
+                        fixtures_path,
+                        max(1_000, sizes.requests // 10),
+                        drain.runs_per_s / 2,
+                        sizes.latency_seconds,
+                    ),
+                )
+                if results.amqp is not None:
+                    results.amqp = (drain, results.amqp[1])
+        if "baseline" in phases:
+            results.baseline = await _phase(
+                results,
+                "baseline",
+                lambda: e2e.baseline(bench, sizes.baseline_requests, sizes.latency_seconds),
+            )
+        if "scaleout" in phases:
+            results.scaleout = await _phase(
+                results,
+                "scaleout",
+                lambda: e2e.eglo(
+                    bench, sizes.scaleout_requests, sizes.latency_seconds, workers=2, latency=False
+                ),
+            )
+        if "memory" in phases:
+            results.memory = await _phase(
+                results,
+                "memory",
+                lambda: e2e.memory(bench, sizes.memory_backlog, sizes.memory_seconds),
+            )
+        results.environment.update(
+            {
+                "postgres": (results.db.settings.get("server_version", "?") if results.db else "?"),
+                "postgres synchronous_commit": (
+                    results.db.settings.get("synchronous_commit", "?") if results.db else "?"
+                ),
+                "postgres fsync": results.db.settings.get("fsync", "?") if results.db else "?",
+            }
+        )
+        _ = bench  # the emulator stops when the block ends
+
+
+def _amqp_offered_load(results: Results, args: argparse.Namespace) -> tuple[float | None, str]:
+    if args.amqp_latency_rate:
+        return args.amqp_latency_rate, f"{args.amqp_latency_rate:g}/s (given)"
+    if results.eglo is not None:
+        rate = results.eglo.drain.runs_per_s / 2
+        return rate, "half eglo's measured maximum"
+    return None, ""
+
+
+# --------------------------------------------------------------------------- the table
+
+
+def _lat(lat: Latency | None) -> str:
+    if lat is None:
+        return "n/a"
+    missing = f", {lat.sent - lat.received} missing" if lat.received < lat.sent else ""
+    return (
+        f"{num(lat.p50_ms)} / {num(lat.p95_ms)} / {num(lat.p99_ms)} "
+        f"@ {num(lat.offered_rate)}/s{missing}"
+    )
+
+
+def _others(cpu: dict[str, float], skip: set[str]) -> str:
+    order = ("emulator", "broker", "postgres", "driver", "unaccounted", "machine")
+    parts = [f"{k} {num(cpu[k], 2)}" for k in order if k in cpu and k not in skip]
+    return " · ".join(parts)
+
+
+def _consumer_cpu(cpu: dict[str, float]) -> float:
+    return sum(v for k, v in cpu.items() if k.startswith("consumer"))
+
+
+def _disturbed(d: Drain) -> str:
+    cores = d.foreign_cores
+    return f" ⚠ other work used {cores:.2f} cores" if cores > DISTURBED_CORES else ""
+
+
+def _error_row(name: str, results: Results, key: str) -> str:
+    return f"| {name} | error: {results.errors.get(key, 'not run')} | | | | | |"
+
+
+def format_results(r: Results) -> str:
+    lines = [
+        f"Run of {r.started_at} UTC, mode **{r.mode}**, command `{r.command}`, "
+        f"took {num(r.total_seconds / 60, 1)} min on this machine "
+        f"({r.environment.get('cores', '?')} cores; broker, Postgres, emulator all local).",
+        "",
+        "| # | benchmark | N | runs/s | CPU s / 1,000 runs (measured process) "
+        "| other CPU s / 1,000 runs | latency p50 / p95 / p99 ms @ offered load |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    if r.amqp is not None:
+        d, lat = r.amqp
+        lines.append(
+            f"| 1 | AMQP ceiling: plain aio-pika, consume + 2 confirmed event publishes + ack "
+            f"(prefetch 256) | {num(d.requests)} | {num(d.runs_per_s)}{_disturbed(d)} "
+            f"| {num(_consumer_cpu(d.cpu_per_1000), 2)} (consumer) "
+            f"| {_others(d.cpu_per_1000, {'emulator', 'postgres'})} | {_lat(lat)} |"
+        )
+    else:
+        lines.append(_error_row("1 | AMQP ceiling", r, "amqp"))
+    if r.db is not None:
+        db = r.db
+        lines.append(
+            f"| 2 | DB ceiling: plain asyncpg, run + metrics + 2 outbox rows per request, "
+            f"unnest batches of {db.batch} on {db.writers} connections, then UPDATE "
+            f"published_at per batch, "
+            f"synchronous_commit={r.environment.get('postgres synchronous_commit')} "
+            f"| {num(db.requests)} | {num(db.runs_per_s)} "
+            f"| {num(db.cpu_per_1000['client'], 2)} (client) "
+            f"| postgres {num(db.cpu_per_1000['postgres'], 2)} | n/a (no broker) |"
+        )
+    else:
+        lines.append(_error_row("2 | DB ceiling", r, "db"))
+    for idx, label, res, key in (
+        (3, "eglo: 1 `eglo worker` + `eglo emulator --latency-ms 20`", r.eglo, "eglo"),
+        (4, "FastStream baseline (`benchmarks/faststream_baseline.py`, prefetch 64)",
+         r.baseline, "baseline"),
+        (6, "eglo: 2 `eglo worker` processes (scale-out)", r.scaleout, "scaleout"),
+    ):
+        if res is None:
+            lines.append(_error_row(f"{idx} | {label}", r, key))
+            continue
+        d = res.drain
+        who = "worker" if key != "baseline" else "consumer"
+        if res.processes > 1:
+            who = f"{res.processes} workers"
+        commits = f" (commits {num(d.commits_per_s)})" if d.commits_per_s else ""
+        commits += _disturbed(d)
+        lines.append(
+            f"| {idx} | {label} | {num(d.requests)} | {num(d.runs_per_s)}{commits} "
+            f"| {num(_consumer_cpu(d.cpu_per_1000), 2)} ({who}) "
+            f"| {_others(d.cpu_per_1000, set())} | {_lat(res.latency)} |"
+        )
+    if r.memory is not None:
+        m = r.memory
+        lines.append(
+            f"| 5 | eglo memory: 1 worker started on a {num(m.backlog)}-request backlog, RSS "
+            f"every 0.5 s for {num(m.watched_s)} s | {num(m.backlog)} | "
+            f"{num(m.completed / m.watched_s if m.watched_s else None)} "
+            f"(commits {num(m.stored / m.watched_s if m.watched_s else None)}) "
+            f"| peak RSS **{num(m.peak_rss_mb)} MB** at {num(m.peak_at_s)} s "
+            f"(backlog {num(m.backlog_at_peak)}); {num(m.final_rss_mb)} MB at the end "
+            f"(backlog {num(m.backlog_at_end)}) | | |"
+        )
+    else:
+        lines.append(_error_row("5 | eglo memory", r, "memory"))
+    lines += ["", *format_targets(r), "", *format_details(r)]
+    return "\n".join(lines)
+
+
+def format_targets(r: Results) -> list[str]:
+    lines = ["| target (not asserted) | measured | |", "|---|---|---|"]
+    eglo_rate = r.eglo.drain.runs_per_s if r.eglo else None
+    ceilings = [x for x in (r.amqp[0].runs_per_s if r.amqp else None,
+                            r.db.runs_per_s if r.db else None) if x]
+    if eglo_rate and ceilings:
+        low = min(ceilings)
+        share = eglo_rate / low
+        lines.append(
+            f"| eglo ≥ 60 % of the lower ceiling | {num(eglo_rate)} runs/s = {num(share * 100)} % "
+            f"of {num(low)} runs/s (need ≥ {num(0.6 * low)}) | {verdict(share >= 0.6)} |"
+        )
+    else:
+        lines.append("| eglo ≥ 60 % of the lower ceiling | n/a | n/a |")
+    if eglo_rate and r.baseline:
+        ratio = eglo_rate / r.baseline.drain.runs_per_s
+        lines.append(
+            f"| eglo ≥ 2x the FastStream baseline (same run) | {num(eglo_rate)} / "
+            f"{num(r.baseline.drain.runs_per_s)} runs/s = {num(ratio, 2)}x "
+            f"| {verdict(ratio >= 2)} |"
+        )
+    else:
+        lines.append("| eglo ≥ 2x the FastStream baseline | n/a | n/a |")
+    if r.eglo and r.eglo.latency:
+        lat = r.eglo.latency
+        lines.append(
+            f"| eglo p99 ≤ 250 ms at half its maximum | p99 {num(lat.p99_ms)} ms "
+            f"@ {num(lat.offered_rate)}/s | {verdict(lat.p99_ms <= 250)} |"
+        )
+    else:
+        lines.append("| eglo p99 ≤ 250 ms at half load | n/a | n/a |")
+    if r.memory:
+        m = r.memory
+        lines.append(
+            f"| worker RSS ≤ 250 MB (flat) on a {num(m.backlog)} backlog | peak "
+            f"{num(m.peak_rss_mb)} MB (start {num(m.start_rss_mb)}, end {num(m.final_rss_mb)}) "
+            f"| {verdict(m.peak_rss_mb <= 250)} |"
+        )
+    if eglo_rate and r.scaleout:
+        speedup = r.scaleout.drain.runs_per_s / eglo_rate
+        lines.append(
+            f"| scale-out (informational): 2 workers vs 1 | {num(r.scaleout.drain.runs_per_s)} "
+            f"vs {num(eglo_rate)} runs/s = {num(speedup, 2)}x | |"
+        )
+    return lines
+
+
+def format_details(r: Results) -> list[str]:
+    s = r.sizes
+    mix = ", ".join(f"{k} {v}" for k, v in sorted(r.mix.items()))
+    emu = ", ".join(f"{k} {num(v, 1)}" for k, v in sorted(r.emulator_cpu_ms.items()))
+    env = ", ".join(f"{k}={v}" for k, v in r.worker_env.items()) or "none (eglo defaults)"
+    lines = [
+        "Notes:",
+        f"- Requests: `producers.sample` (seed 4), {s.distinct} distinct requests reused under "
+        f"unique request ids, all four types round-robin — mix of the first N: {mix}; mean body "
+        f"{num(r.mean_request_bytes)} bytes. No deadlines, no faults: every run completes.",
+        f"- Emulator CPU per call, by type (ms, measured alone): {emu}. It runs in its own "
+        "process on the same 2 cores, so eglo and the baseline share the machine with it, the "
+        "broker, Postgres and this driver.",
+        "- Throughput: N requests are published first (confirms), then the consumer process "
+        "starts; completions are `run.completed.#` events counted in our own queue on "
+        "`eglo.events` (eglo's outbox relay is inside), rate and CPU between 5 % and 95 % of N. "
+        "CPU is user+system of the process (psutil); *other* = emulator, RabbitMQ node, Postgres "
+        "server (with its backends), this driver, and *machine* = all busy CPU.",
+        "- Latency: after the drain, the same process(es) get requests at half the measured "
+        "maximum (the AMQP ceiling: " + (r.amqp_latency_basis or "n/a") + ") via "
+        "`Publisher.publish_many(rate=...)`; each is timed from the moment it is handed to "
+        "`Publisher.publish` (before the broker's confirm) to the arrival of its "
+        f"`run.completed.<type>` event in our queue; {num(s.latency_seconds)} s of load.",
+        f"- eglo settings: worker env overrides {env}. DB ceiling: Postgres "
+        f"{r.environment.get('postgres', '?')}, synchronous_commit="
+        f"{r.environment.get('postgres synchronous_commit', '?')}, "
+        f"fsync={r.environment.get('postgres fsync', '?')}.",
+    ]
+    for res in (r.eglo, r.baseline, r.scaleout):
+        if res is not None:
+            d = res.drain
+            lat_cpu = (
+                ", ".join(f"{k} {num(v, 2)}" for k, v in res.latency.cpu_per_1000.items())
+                if res.latency
+                else ""
+            )
+            lines.append(
+                f"- {res.name}: backlog published in {num(res.backlog_publish_s, 1)} s; all runs "
+                f"committed after {num(d.stored_all_s, 1)} s, all completion events after "
+                f"{num(d.total_s, 1)} s (most committed-but-unannounced runs at one sample: "
+                f"{num(d.max_relay_backlog)}); stored {res.stored}; peak RSS "
+                + ", ".join(f"{k} {num(v)} MB" for k, v in res.drain.peak_rss_mb.items())
+                + f"; exit codes {res.exit_codes}"
+                + (f"; latency: confirm p50 {num(res.latency.confirm_p50_ms, 1)} ms, max "
+                   f"{num(res.latency.max_ms)} ms, CPU s/1000 under that load: {lat_cpu}"
+                   if res.latency else "")
+            )
+    if r.memory:
+        lines.append(
+            f"- memory: backlog of {num(r.memory.backlog)} published in "
+            f"{num(r.memory.publish_s, 1)} s; while watched {num(r.memory.stored)} runs were "
+            f"committed and {num(r.memory.completed)} completion events sent."
+        )
+    phases = ", ".join(f"{k} {v:g} s" for k, v in r.phase_seconds.items())
+    quiet = ", ".join(
+        f"{k} {v['busy_cores']:.2f} (waited {v['waited_s']:g} s)" for k, v in r.quiet.items()
+    )
+    versions = ", ".join(
+        f"{k} {v}" for k, v in r.environment.items() if not k.startswith("postgres")
+    )
+    lines += [
+        f"- Phase times: {phases}.",
+        f"- The machine is shared: before each phase the harness waits (≤ {r.quiet_wait_s:g} s) "
+        "for it to be "
+        f"nearly idle; busy cores seen at the start: {quiet}. *unaccounted* CPU above is "
+        "other work on the machine during the measurement; a phase it disturbed by more than "
+        f"{DISTURBED_CORES} cores is run once more (full runs, in their first "
+        f"{r.retry_budget_s / 60:g} min) and the calmer result kept, "
+        "and is flagged ⚠ if it stays disturbed.",
+        f"- Versions: {versions}.",
+    ]
+    for name, error in r.errors.items():
+        lines.append(f"- **{name} failed**: {error}")
+    return lines
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="eglo vs the AMQP and DB ceilings and a FastStream baseline (issue 4).",
+    )
+    p.add_argument("--quick", action="store_true", help="small sizes, ~2 minutes")
+    p.add_argument("--requests", type=int, help="N for the ceilings, eglo and scale-out")
+    p.add_argument("--baseline-requests", type=int, help="N for the FastStream baseline")
+    p.add_argument("--memory-backlog", type=int)
+    p.add_argument("--memory-seconds", type=float)
+    p.add_argument("--latency-seconds", type=float, help="seconds of offered load per latency run")
+    p.add_argument("--distinct", type=int, help="distinct sample requests (multiple of 4)")
+    p.add_argument("--db-writers", type=int)
+    p.add_argument("--db-batch", type=int)
+    p.add_argument("--amqp-latency-rate", type=float, help="offered load for the AMQP ceiling")
+    p.add_argument("--only", action="append", choices=PHASES, help="run only these phases")
+    p.add_argument(
+        "--worker-env",
+        action="append",
+        default=[],
+        metavar="EGLO_X=V",
+        help="extra environment for eglo workers (repeatable)",
+    )
+    docs = p.add_mutually_exclusive_group()
+    docs.add_argument("--docs", dest="docs", action="store_true", default=None,
+                      help="write docs/performance.md (default: full runs of every phase)")
+    docs.add_argument("--no-docs", dest="docs", action="store_false")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # eglo's modules log through structlog; keep their info lines (migrations) off stdout.
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    warnings.filterwarnings("ignore", module="platformdirs")  # XDG_RUNTIME_DIR on servers
+    base = QUICK if args.quick else FULL
+    sizes = dataclasses.replace(
+        base,
+        **{
+            k: v
+            for k, v in {
+                "requests": args.requests,
+                "baseline_requests": args.baseline_requests or args.requests,
+                "scaleout_requests": args.requests,
+                "memory_backlog": args.memory_backlog,
+                "memory_seconds": args.memory_seconds,
+                "latency_seconds": args.latency_seconds,
+                "distinct": args.distinct,
+                "db_writers": args.db_writers,
+                "db_batch": args.db_batch,
+            }.items()
+            if v is not None
+        },
+    )
+    worker_env = dict(item.split("=", 1) for item in args.worker_env)
+    started = datetime.now(UTC)
+    stamp = started.strftime("%Y%m%dT%H%M%SZ")
+    log_dir = (LOG_ROOT / stamp).resolve()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    command = "python -m benchmarks" + (
+        " " + shlex.join(argv if argv is not None else sys.argv[1:])
+        if (argv if argv is not None else sys.argv[1:])
+        else ""
+    )
+    results = Results(
+        started_at=started.strftime("%Y-%m-%d %H:%M"),
+        command=command,
+        mode="quick" if args.quick else "full",
+        quiet_wait_s=15.0 if args.quick else 45.0,
+        retry_disturbed=not args.quick,
+        sizes=sizes,
+        worker_env=worker_env,
+        environment=_versions(),
+    )
+    t0 = time.perf_counter()
+    try:
+        import uvloop
+
+        uvloop.run(run(args, sizes, results, log_dir))
+    finally:
+        results.total_seconds = time.perf_counter() - t0
+        (log_dir / "results.json").write_bytes(
+            orjson.dumps(results, option=orjson.OPT_INDENT_2, default=_jsonable)
+        )
+    table = format_results(results)
+    print(table)
+    # A run with a failed phase prints its table but leaves the documented figures alone.
+    write_docs = (
+        args.docs
+        if args.docs is not None
+        else not (args.quick or args.only or results.errors)
+    )
+    if write_docs:
+        write_section("results", table)
+        print(f"\nwritten to docs/performance.md; logs and results.json in {log_dir}",
+              file=sys.stderr)
+    else:
+        print(f"\nlogs and results.json in {log_dir} (docs not written)", file=sys.stderr)
+    return 1 if results.errors else 0
+
+
+def _jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(type(value).__name__)
