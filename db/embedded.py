@@ -20,12 +20,3 @@ def embedded_database_url(data_dir: Path) -> str:
     data_dir.mkdir(parents=True, exist_ok=True)
     server = get_server(data_dir.resolve() / "pgdata", cleanup_mode=None)
     return str(server.get_uri())
-
-
-def stop_embedded(data_dir: Path) -> None:
-    """Stop the embedded server, if one runs under data_dir."""
-    from pgserver import pg_ctl  # type: ignore[attr-defined]
-
-    pgdata = data_dir.resolve() / "pgdata"
-    if (pgdata / "postmaster.pid").exists():
-        pg_ctl(["-w", "stop", "-m", "fast"], pgdata=pgdata, user="pgserver")

@@ -58,15 +58,6 @@ async def open_resources(settings: Settings) -> AsyncIterator[Resources]:
         await pool.close()
 
 
-async def _queue_depth(connection: AbstractRobustConnection, names: list[str]) -> int:
-    async with connection.channel() as channel:
-        total = 0
-        for name in names:
-            queue = await channel.declare_queue(name, passive=True)
-            total += queue.declaration_result.message_count or 0
-        return total
-
-
 class Worker:
     """One worker process's lifecycle; `run` returns the exit code."""
 
@@ -240,7 +231,7 @@ async def _until_no_work(
     names = [n for n in _queue_names(settings) if n != topology.DEAD_LETTER_QUEUE]
     quiet_checks = 0
     while not stop.is_set():
-        idle = consumer.in_flight == 0 and await _queue_depth(connection, names) == 0
+        idle = consumer.in_flight == 0 and await topology.ready_messages(connection, names) == 0
         quiet_checks = quiet_checks + 1 if idle else 0
         # Twice in a row: a delivery can be in the channel's buffer between two looks.
         if quiet_checks >= 2:

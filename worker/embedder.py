@@ -50,7 +50,12 @@ from worker.embeddings import (
 )
 from worker.metrics import DB_BUCKETS, LATENCY_BUCKETS, Metrics
 from worker.settings import Settings
-from worker.topology import DELIVERY_LIMIT, EVENTS_EXCHANGE, republished_copy
+from worker.topology import (
+    DELIVERY_LIMIT,
+    EVENTS_EXCHANGE,
+    ready_messages,
+    republished_copy,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -314,7 +319,7 @@ class EmbedderService:
         """Burst mode: return once the queue is empty and every delivery is settled."""
         quiet_checks = 0
         while not self.stop_requested.is_set():
-            idle = self.in_flight == 0 and await _queue_depth(connection, EMBEDDINGS_QUEUE) == 0
+            idle = self.in_flight == 0 and await ready_messages(connection, [EMBEDDINGS_QUEUE]) == 0
             quiet_checks = quiet_checks + 1 if idle else 0
             # Twice in a row: a delivery can be in the channel's buffer between two looks.
             if quiet_checks >= 2:
@@ -538,12 +543,6 @@ class EmbedderService:
             )
         else:
             self._requeue_later(message, em, "run_not_found_retry")
-
-
-async def _queue_depth(connection: AbstractRobustConnection, name: str) -> int:
-    async with connection.channel() as channel:
-        queue = await channel.declare_queue(name, passive=True)
-        return int(queue.declaration_result.message_count or 0)
 
 
 async def run_embedder(settings: Settings, *, burst: bool = False) -> int:

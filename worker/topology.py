@@ -6,7 +6,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, AbstractQueue
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractConnection,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+)
 
 from contracts.topology import (
     DEAD_LETTER_EXCHANGE,
@@ -31,9 +37,21 @@ __all__ = [
     "Topology",
     "declare",
     "delay_queue_name",
+    "ready_messages",
     "republished_copy",
     "request_routing_key",
 ]
+
+
+async def ready_messages(connection: AbstractConnection, names: list[str]) -> int:
+    """Messages ready in these queues, summed (a passive declare on a channel of its own, since
+    a missing queue closes the channel)."""
+    async with connection.channel() as channel:
+        total = 0
+        for name in names:
+            queue = await channel.declare_queue(name, passive=True)
+            total += queue.declaration_result.message_count or 0
+        return total
 
 
 def republished_copy(message: AbstractIncomingMessage, headers: dict[str, Any]) -> aio_pika.Message:
