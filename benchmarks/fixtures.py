@@ -1,33 +1,27 @@
 """Real QNN answers for the request templates, so the ceilings write and publish what eglo does.
 
 Each template is sent once to the running emulator; its answer is checked the way eglo checks it
-(`worker.result_checks.check_result`) and turned into the event documents eglo sends
-(`contracts.events`: run.completed.<type> and embedding.requested). The ceilings then only swap
-ids per request. The same pass measures the emulator's CPU per call by request type (it competes
-for the cores with the worker).
+(`worker.result_checks.check_result`) and turned into the events eglo itself sends
+(`worker.records.RunRecord.events()`: run.completed.<type>, embedding.requested). The ceilings
+then only swap ids per request. The same pass measures the emulator's CPU per call by request
+type (it competes for the cores with the worker).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import httpx
+import orjson
 
 from benchmarks.harness import Bench, process_cpu
-from contracts.events import (
-    EMBEDDING_REQUESTED,
-    EmbeddingRequested,
-    RunOutcome,
-    outcome_routing_key,
-)
 from contracts.qnn import PREDICT_PATH, build_predict_body, parse_predict_response
 from contracts.requests import AnyRequest, request_fingerprint
 from contracts.results import ExecutionMetadata
+from worker.records import RunRecord
 from worker.result_checks import check_result
 
 
@@ -62,40 +56,26 @@ async def _answer(client: httpx.AsyncClient, request: AnyRequest) -> Fixture:
     response.raise_for_status()
     raw, raw_meta = parse_predict_response(request.request_type, response.content)
     result, metadata = check_result(request, raw, raw_meta)
-    # The documents eglo's records turn into events (contracts.events, ids swapped later).
-    run_id = uuid.uuid4()
-    now = datetime.now(UTC)
-    outcome = RunOutcome(
-        event_id=uuid.uuid5(run_id, "outcome:completed"),
-        event_type=outcome_routing_key("completed", request.request_type),
-        occurred_at=now,
-        run_id=run_id,
-        request_id=request.request_id,
-        request_type=request.request_type,
+    # The very events eglo's records produce for this run (ids swapped later by the ceilings).
+    fingerprint = request_fingerprint(request)
+    record = RunRecord(
+        request=request,
+        fingerprint=fingerprint,
         status="completed",
-        region=request.region,
-        forecast_date=request.forecast_date,
         attempts=1,
         result=result,
-        execution=metadata,
+        metadata=metadata,
     )
-    embedding = EmbeddingRequested(
-        event_id=uuid.uuid5(run_id, EMBEDDING_REQUESTED),
-        event_type=EMBEDDING_REQUESTED,
-        occurred_at=now,
-        run_id=run_id,
-        request_id=request.request_id,
-        request_type=request.request_type,
-    )
+    outcome, embedding = record.events()
     return Fixture(
         request=request,
-        fingerprint=request_fingerprint(request),
+        fingerprint=fingerprint,
         result=result,
         metadata=metadata,
         round_trip_ms=round_trip_ms,
-        outcome_doc=outcome.model_dump(mode="json", exclude_none=True),
-        outcome_key=outcome.event_type,
-        embedding_doc=embedding.model_dump(mode="json", exclude_none=True),
+        outcome_doc=orjson.loads(outcome.body),
+        outcome_key=outcome.routing_key,
+        embedding_doc=orjson.loads(embedding.body),
     )
 
 
