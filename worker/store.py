@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -38,61 +39,83 @@ class StoredRun:
     status: str
 
 
-_INSERT_RUNS = """
-INSERT INTO optimization_runs (
-    id, request_id, request_type, region, forecast_date, input_payload, request_fingerprint,
-    result_payload, status, error_code, error_message, qnn_model_id, qnn_execution_time,
-    attempts, published_at)
-SELECT id, request_id, request_type, region, forecast_date, input_payload::jsonb, fingerprint,
-       result_payload::jsonb, status, error_code, error_message, model_id, execution_s,
-       attempts, published_at
-FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::date[], $6::text[], $7::text[],
-            $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::float8[],
-            $14::int[], $15::timestamptz[])
-     AS t(id, request_id, request_type, region, forecast_date, input_payload, fingerprint,
-          result_payload, status, error_code, error_message, model_id, execution_s,
-          attempts, published_at)
-ON CONFLICT (request_id) DO NOTHING
-RETURNING id
+# One statement per batch: the run rows, then (joined to the rows actually written) their metrics,
+# anomalies and outbox events. A single statement is atomic on its own, so a batch costs one round
+# trip and one commit instead of BEGIN, four statements and COMMIT. Foreign keys to the runs written
+# in the same statement hold: they are checked when the statement ends.
+_SAVE_DEPENDENTS = """
+metrics AS (
+    INSERT INTO qnn_execution_metrics (
+        optimization_run_id, model_id, device_used, circuit_depth, n_qubits, execution_time_ms,
+        quantum_cost_usd, call_attempts, round_trip_ms)
+    SELECT m.* FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int[], $5::int[],
+                           $6::float8[], $7::float8[], $8::int[], $9::float8[])
+         AS m(run_id, model_id, device, depth, qubits, execution_ms, cost, tries, round_trip)
+    JOIN saved ON saved.id = m.run_id
+),
+found AS (
+    INSERT INTO anomalies (id, optimization_run_id, source, anomaly_type, severity, description,
+                           details, suggested_actions, detected_at)
+    SELECT a.id, a.run_id, 'eglo', a.anomaly_type, a.severity, a.description, a.details::jsonb,
+           ARRAY(SELECT jsonb_array_elements_text(a.actions::jsonb)), a.detected_at
+    FROM unnest($10::uuid[], $11::uuid[], $12::text[], $13::text[], $14::text[], $15::text[],
+                $16::text[], $17::timestamptz[])
+         AS a(id, run_id, anomaly_type, severity, description, details, actions, detected_at)
+    JOIN saved ON saved.id = a.run_id
+    ON CONFLICT (id) DO NOTHING
+),
+events AS (
+    -- In array order: the relay publishes by outbox id.
+    INSERT INTO outbox (event_id, exchange, routing_key, body, correlation_id, headers)
+    SELECT e.event_id, e.exchange, e.routing_key, e.body, e.correlation_id, e.headers::jsonb
+    FROM unnest($18::uuid[], $19::uuid[], $20::text[], $21::text[], $22::bytea[], $23::text[],
+                $24::text[]) WITH ORDINALITY
+         AS e(run_id, event_id, exchange, routing_key, body, correlation_id, headers, n)
+    JOIN saved ON saved.id = e.run_id
+    ORDER BY e.n
+)
+SELECT id FROM saved
 """
 
-_INSERT_METRICS = """
-INSERT INTO qnn_execution_metrics (
-    optimization_run_id, model_id, device_used, circuit_depth, n_qubits, execution_time_ms,
-    quantum_cost_usd, call_attempts, round_trip_ms)
-SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int[], $5::int[], $6::float8[],
-                     $7::float8[], $8::int[], $9::float8[])
-"""
+_INSERT_RUNS = (
+    """
+WITH saved AS (
+    INSERT INTO optimization_runs (
+        id, request_id, request_type, region, forecast_date, input_payload, request_fingerprint,
+        result_payload, status, error_code, error_message, qnn_model_id, qnn_execution_time,
+        attempts, published_at)
+    SELECT id, request_id, request_type, region, forecast_date, input_payload::jsonb,
+           fingerprint, result_payload::jsonb, status, error_code, error_message, model_id,
+           execution_s, attempts, published_at
+    FROM unnest($25::uuid[], $26::text[], $27::text[], $28::text[], $29::date[], $30::text[],
+                $31::text[], $32::text[], $33::text[], $34::text[], $35::text[], $36::text[],
+                $37::float8[], $38::int[], $39::timestamptz[])
+         AS t(id, request_id, request_type, region, forecast_date, input_payload, fingerprint,
+              result_payload, status, error_code, error_message, model_id, execution_s,
+              attempts, published_at)
+    ON CONFLICT (request_id) DO NOTHING
+    RETURNING id
+),"""
+    + _SAVE_DEPENDENTS
+)
 
-_INSERT_OUTBOX = """
-INSERT INTO outbox (event_id, exchange, routing_key, body, correlation_id, headers)
-SELECT event_id, exchange, routing_key, body, correlation_id, headers::jsonb
-FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bytea[], $5::text[], $6::text[])
-     AS t(event_id, exchange, routing_key, body, correlation_id, headers)
-"""
-
-_INSERT_ANOMALIES = """
-INSERT INTO anomalies (id, optimization_run_id, source, anomaly_type, severity, description,
-                       details, suggested_actions, detected_at)
-SELECT id, run_id, 'eglo', anomaly_type, severity, description, details::jsonb,
-       ARRAY(SELECT jsonb_array_elements_text(actions::jsonb)), detected_at
-FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
-            $8::timestamptz[])
-     AS t(id, run_id, anomaly_type, severity, description, details, actions, detected_at)
-ON CONFLICT (id) DO NOTHING
-"""
-
-_REPLACE_FAILED = """
-UPDATE optimization_runs AS r
-SET status = t.status, result_payload = t.result_payload::jsonb, error_code = t.error_code,
-    error_message = t.error_message, qnn_model_id = t.model_id,
-    qnn_execution_time = t.execution_s, attempts = r.attempts + t.attempts, updated_at = now()
-FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-            $7::float8[], $8::int[])
-     AS t(id, status, result_payload, error_code, error_message, model_id, execution_s, attempts)
-WHERE r.id = t.id AND r.status = 'failed'
-RETURNING r.id
-"""
+# A replayed request re-running a stored failed run updates that row in place.
+_REPLACE_FAILED = (
+    """
+WITH saved AS (
+    UPDATE optimization_runs AS r
+    SET status = t.status, result_payload = t.result_payload::jsonb, error_code = t.error_code,
+        error_message = t.error_message, qnn_model_id = t.model_id,
+        qnn_execution_time = t.execution_s, attempts = r.attempts + t.attempts, updated_at = now()
+    FROM unnest($25::uuid[], $26::text[], $27::text[], $28::text[], $29::text[], $30::text[],
+                $31::float8[], $32::int[])
+         AS t(id, status, result_payload, error_code, error_message, model_id, execution_s,
+              attempts)
+    WHERE r.id = t.id AND r.status = 'failed'
+    RETURNING r.id
+),"""
+    + _SAVE_DEPENDENTS
+)
 
 _FIND = """
 SELECT request_id, id::text AS run_id, request_fingerprint, status
@@ -219,57 +242,23 @@ class RunStore:
         return results
 
     async def _write(self, records: list[RunRecord]) -> list[SaveResult]:
-        async with self._pool.acquire() as conn, conn.transaction():
-            fresh = [r for r in records if not r.replaces_failed]
-            reruns = [r for r in records if r.replaces_failed]
-            inserted_ids = set()
-            if fresh:
-                inserted_ids = {
-                    row["id"] for row in await conn.fetch(_INSERT_RUNS, *_run_columns(fresh))
-                }
-            if reruns:
-                columns = _run_columns(reruns)
-                inserted_ids |= {
-                    row["id"]
-                    for row in await conn.fetch(
+        fresh = [r for r in records if not r.replaces_failed]
+        reruns = [r for r in records if r.replaces_failed]
+        async with self._pool.acquire() as conn:
+            if not reruns:
+                saved = await _save(conn, _INSERT_RUNS, fresh, _run_columns(fresh))
+            else:  # rare (an operator's replay): both kinds in one transaction
+                async with conn.transaction():
+                    saved = await _save(conn, _INSERT_RUNS, fresh, _run_columns(fresh))
+                    columns = _run_columns(reruns)
+                    saved |= await _save(
+                        conn,
                         _REPLACE_FAILED,
-                        *(columns[i] for i in (0, 8, 7, 9, 10, 11, 12, 13)),
+                        reruns,
+                        [columns[i] for i in (0, 8, 7, 9, 10, 11, 12, 13)],
                     )
-                }
-            inserted = [r for r in records if r.run_id in inserted_ids]
-            with_metrics = [r for r in inserted if r.metadata is not None or r.call_attempts]
-            if with_metrics:
-                await conn.execute(_INSERT_METRICS, *_metric_columns(with_metrics))
-            found = [
-                (r, i, a)
-                for r in inserted
-                for i, a in zip(r.anomaly_ids(), r.anomalies, strict=True)
-            ]
-            if found:
-                await conn.execute(
-                    _INSERT_ANOMALIES,
-                    [i for _, i, _ in found],
-                    [r.run_id for r, _, _ in found],
-                    [a.anomaly_type for _, _, a in found],
-                    [a.severity for _, _, a in found],
-                    [a.description for _, _, a in found],
-                    [_json(a.details) for _, _, a in found],
-                    [_json(list(a.suggested_actions)) for _, _, a in found],
-                    [r.occurred_at for r, _, _ in found],
-                )
-            events = [e for r in inserted for e in r.events()]
-            if events:
-                await conn.execute(
-                    _INSERT_OUTBOX,
-                    [e.event_id for e in events],
-                    [e.exchange for e in events],
-                    [e.routing_key for e in events],
-                    [e.body for e in events],
-                    [e.correlation_id for e in events],
-                    [_json(e.headers) if e.headers else None for e in events],
-                )
             existing: dict[str, str] = {}
-            others = [r.request.request_id for r in records if r.run_id not in inserted_ids]
+            others = [r.request.request_id for r in records if r.run_id not in saved]
             if others:
                 existing = {
                     row["request_id"]: row["request_fingerprint"]
@@ -277,12 +266,46 @@ class RunStore:
                 }
         return [
             SaveResult.INSERTED
-            if r.run_id in inserted_ids
+            if r.run_id in saved
             else SaveResult.DUPLICATE
             if existing.get(r.request.request_id) == r.fingerprint
             else SaveResult.CONFLICT
             for r in records
         ]
+
+
+async def _save(
+    conn: asyncpg.Connection, sql: str, records: list[RunRecord], run_columns: list[list[object]]
+) -> set[uuid.UUID]:
+    """Run one save statement; the ids of the runs it wrote (the rest were already stored)."""
+    if not records:
+        return set()
+    with_metrics = [r for r in records if r.metadata is not None or r.call_attempts]
+    found = [
+        (r, i, a) for r in records for i, a in zip(r.anomaly_ids(), r.anomalies, strict=True)
+    ]
+    events = [(r.run_id, e) for r in records for e in r.events()]
+    rows = await conn.fetch(
+        sql,
+        *_metric_columns(with_metrics),
+        [i for _, i, _ in found],
+        [r.run_id for r, _, _ in found],
+        [a.anomaly_type for _, _, a in found],
+        [a.severity for _, _, a in found],
+        [a.description for _, _, a in found],
+        [_json(a.details) for _, _, a in found],
+        [_json(list(a.suggested_actions)) for _, _, a in found],
+        [r.occurred_at for r, _, _ in found],
+        [run_id for run_id, _ in events],
+        [e.event_id for _, e in events],
+        [e.exchange for _, e in events],
+        [e.routing_key for _, e in events],
+        [e.body for _, e in events],
+        [e.correlation_id for _, e in events],
+        [_json(e.headers) if e.headers else None for _, e in events],
+        *run_columns,
+    )
+    return {row["id"] for row in rows}
 
 
 def _run_columns(records: list[RunRecord]) -> list[list[object]]:
