@@ -142,9 +142,9 @@ class Consumer:
     async def _handle(self, message: AbstractIncomingMessage) -> None:
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(message_id=message.message_id)
-        with tracing.tracer.start_as_current_span(
+        with tracing.span(
             f"{REQUESTS_QUEUE} process",
-            context=tracing.extract(message.headers),
+            parent=message.headers or {},
             kind=tracing.SpanKind.CONSUMER,
             attributes={
                 "messaging.system": "rabbitmq",

@@ -132,10 +132,9 @@ class OutboxRelay:
 
     async def _publish(self, row: Any) -> None:
         exchange = await self._exchange(row["exchange"])
-        parent = tracing.extract(row["headers"])
-        with tracing.tracer.start_as_current_span(
+        with tracing.span(
             f"{row['exchange'] or 'reply'} publish",
-            context=parent,
+            parent=row["headers"] or {},
             kind=tracing.SpanKind.PRODUCER,
             attributes={
                 "messaging.system": "rabbitmq",

@@ -240,7 +240,7 @@ class Pipeline:
         return decision
 
     async def _save(self, record: RunRecord) -> Decision:
-        with tracing.tracer.start_as_current_span(
+        with tracing.span(
             "db save run",
             kind=tracing.SpanKind.CLIENT,
             attributes={
