@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import random
 import time
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
@@ -12,6 +14,7 @@ import orjson
 import stamina
 import structlog
 from httpx_aiohttp import AiohttpTransport
+from opentelemetry.trace import Span
 
 from contracts.qnn import (
     HEALTH_PATH,
@@ -120,6 +123,8 @@ class QnnClient:
         self._breaker = breaker
         key = settings.qnn_api_key
         self._secrets = (key.get_secret_value(),) if key is not None else ()
+        # Merged once: httpx re-parses a relative URL against base_url on every request.
+        self._predict_url = httpx.URL(str(http.base_url).rstrip("/") + PREDICT_PATH)
 
     def _backoff(self, exc: Exception) -> bool | float:
         if isinstance(exc, _Transient):
@@ -136,31 +141,62 @@ class QnnClient:
             optimization_level=s.qnn_optimization_level,
         )
         started = time.perf_counter()
-        tries = 0
-        with tracing.tracer.start_as_current_span(
+        with tracing.span(
             "qnn predict",
             kind=tracing.SpanKind.CLIENT,
             attributes={"server.address": s.qnn_url, "eglo.qnn.model_id": s.qnn_model_id},
         ) as span:
+            span.set_attribute("eglo.qnn.tries", 1)
+            # Most calls succeed first time; the retry machinery costs more than the call's own
+            # bookkeeping, so it is entered only after a failure.
             try:
-                async for attempt in stamina.retry_context(
-                    on=self._backoff,
-                    attempts=s.qnn_attempts,
-                    timeout=s.qnn_budget_s,
-                    wait_initial=s.qnn_backoff_initial_s,
-                    wait_max=s.qnn_backoff_max_s,
-                    wait_jitter=s.qnn_backoff_initial_s,
-                ):
-                    with attempt:
-                        if self._breaker is not None:
-                            await self._breaker.wait_callable()
-                        tries += 1
-                        result, metadata = await self._try_once(request.request_type, body)
-            except _Transient as exc:
-                raise QnnUnavailable(f"QNN unavailable after {tries} tries: {exc.reason}") from None
-            finally:
-                span.set_attribute("eglo.qnn.tries", tries)
+                if self._breaker is not None:
+                    await self._breaker.wait_callable()
+                result, metadata = await self._try_once(request.request_type, body)
+                tries = 1
+            except _Transient as first:
+                result, metadata, tries = await self._retry(
+                    request.request_type, body, first, span, deadline=started + s.qnn_budget_s
+                )
         return QnnAnswer(result, metadata, tries, (time.perf_counter() - started) * 1000)
+
+    async def _retry(
+        self,
+        request_type: str,
+        body: dict[str, Any],
+        first: _Transient,
+        span: Span,
+        *,
+        deadline: float,
+    ) -> tuple[dict[str, Any], dict[str, Any], int]:
+        """Retry after a failed first try, within what is left of the attempts and the budget."""
+        s = self._settings
+        tries = 1
+        wait = self._backoff(first)
+        try:
+            if s.qnn_attempts <= 1:
+                raise first
+            await asyncio.sleep(
+                s.qnn_backoff_initial_s * (1 + random.random()) if wait is True else float(wait)
+            )
+            async for attempt in stamina.retry_context(
+                on=self._backoff,
+                attempts=s.qnn_attempts - 1,
+                timeout=max(deadline - time.perf_counter(), 0.001),
+                wait_initial=s.qnn_backoff_initial_s * 2,
+                wait_max=s.qnn_backoff_max_s,
+                wait_jitter=s.qnn_backoff_initial_s,
+            ):
+                with attempt:
+                    if self._breaker is not None:
+                        await self._breaker.wait_callable()
+                    tries += 1
+                    result, metadata = await self._try_once(request_type, body)
+        except _Transient as exc:
+            raise QnnUnavailable(f"QNN unavailable after {tries} tries: {exc.reason}") from None
+        finally:
+            span.set_attribute("eglo.qnn.tries", tries)
+        return result, metadata, tries
 
     async def _try_once(
         self, request_type: str, body: dict[str, Any]
@@ -183,7 +219,7 @@ class QnnClient:
         status = "error"
         try:
             response = await self._http.post(
-                PREDICT_PATH, content=orjson.dumps(body), headers=_JSON_HEADERS
+                self._predict_url, content=orjson.dumps(body), headers=_JSON_HEADERS
             )
             status = str(response.status_code)
         except httpx.TimeoutException:
