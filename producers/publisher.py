@@ -14,6 +14,7 @@ from typing import Any
 import aio_pika
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
+from opentelemetry import propagate
 
 from contracts.requests import AnyRequest
 from contracts.topology import PUBLISHED_AT_HEADER
@@ -74,7 +75,9 @@ class Publisher:
                 "messaging.rabbitmq.destination.routing_key": routing_key,
             },
         ):
-            headers = tracing.inject(properties.pop("headers", None))
+            # Straight through OpenTelemetry: a producer application may install its own provider.
+            headers = dict(properties.pop("headers", None) or {})
+            propagate.inject(headers)
             now = datetime.now(UTC)
             headers[PUBLISHED_AT_HEADER] = now.isoformat()
             message = aio_pika.Message(

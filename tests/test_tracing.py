@@ -6,7 +6,6 @@ from collections.abc import Iterator
 
 import asyncpg
 import pytest
-from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -16,6 +15,7 @@ from producers.reader import parse_request
 from producers.sample import generate_requests
 from tests.conftest import make_settings
 from tests.harness import running_worker, wait_for
+from worker import tracing
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def spans() -> Iterator[InMemorySpanExporter]:
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    trace.set_tracer_provider(provider)
+    tracing.install(provider)
     yield exporter
     exporter.clear()
 
