@@ -10,5 +10,7 @@ FloatArray = NDArray[np.float64]
 
 def wire_floats(values: FloatArray, decimals: int = 6) -> list[float]:
     """Rounded plain floats, with -0.0 folded into 0.0 (it reads as a sign error downstream)."""
-    rounded: list[float] = (np.round(values, decimals) + 0.0).tolist()
-    return rounded
+    rounded = np.asarray(values).round(decimals)
+    rounded += 0.0  # in place: -0.0 + 0.0 is 0.0, every other value is unchanged
+    as_list: list[float] = rounded.tolist()
+    return as_list

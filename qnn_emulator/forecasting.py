@@ -19,11 +19,13 @@ residuals alone are too optimistic because the fit partly interpolates the data 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.linalg import cho_factor, cho_solve
+from scipy.linalg import cho_factor, cho_solve, get_lapack_funcs
 
 from qnn_emulator.arrays import FloatArray, wire_floats
 
@@ -38,7 +40,10 @@ COOLING_BASE_C = 22.0
 MIN_CALIBRATION_STEPS = 12
 QUANTILE_KNOTS = 8
 MIN_PAIRS = 30
-CACHED_SHAPES = 32  # distinct (length, resolution) shapes whose design matrices are kept
+# Design matrices are kept per shape (history length, terms), up to this many bytes in all. A
+# count limit thrashed: one calibration fit per request doubles the shapes, and requests cycling
+# through more shapes than the limit evicted every entry before its next use.
+CACHE_BYTES = 64 * 1024 * 1024
 CALIBRATION_DAYS = 1
 MAX_CALIBRATION_FACTOR = 5.0
 
@@ -130,14 +135,43 @@ class _Basis:
     weights: FloatArray
     # (X'WX + ridge)^-1: without temperature terms the coefficients are this times X'Wy.
     gram_inverse: FloatArray
+    xw: FloatArray  # x * weights[:, None]
+    # The ridge penalty as a diagonal matrix for x plus the two degree-day columns.
+    temperature_penalty: FloatArray
+
+
+# The LAPACK routines `scipy.linalg.cho_factor`/`cho_solve` call, without their per-call
+# argument handling (a sizeable share of a fit at these sizes).
+_POTRF, _POTRS = get_lapack_funcs(("potrf", "potrs"), (np.empty((1, 1)),))
+
+
+def _cholesky_solve(gram: FloatArray, rhs: FloatArray) -> FloatArray:
+    """`cho_solve(cho_factor(gram), rhs)`: the same LAPACK calls, with the same checks."""
+    if not (np.isfinite(gram).all() and np.isfinite(rhs).all()):
+        raise ValueError("array must not contain infs or NaNs")
+    if gram.size == 0 or rhs.size == 0:
+        # Degenerate shapes: leave them to SciPy's own handling.
+        return np.asarray(cho_solve(cho_factor(gram), rhs), dtype=np.float64)
+    factor, info = _POTRF(gram, lower=False, overwrite_a=False, clean=False)
+    if info > 0:
+        raise np.linalg.LinAlgError(
+            f"{info}-th leading minor of the array is not positive definite"
+        )
+    if info < 0:
+        raise ValueError(
+            f"LAPACK reported an illegal value in {-info}-th argument on entry to POTRF."
+        )
+    solution, info = _POTRS(factor, rhs, lower=False, overwrite_b=False)
+    if info != 0:
+        raise ValueError(f"illegal value in {-info}th argument of internal potrs")
+    return np.asarray(solution, dtype=np.float64)
 
 
 def _solve(gram: FloatArray, rhs: FloatArray) -> FloatArray:
     try:
-        solution = cho_solve(cho_factor(gram), rhs)
+        return _cholesky_solve(gram, rhs)
     except np.linalg.LinAlgError:
-        solution = np.linalg.lstsq(gram, rhs, rcond=None)[0]
-    return np.asarray(solution, dtype=np.float64)
+        return np.asarray(np.linalg.lstsq(gram, rhs, rcond=None)[0], dtype=np.float64)
 
 
 def _frozen(arr: FloatArray) -> FloatArray:
@@ -145,21 +179,88 @@ def _frozen(arr: FloatArray) -> FloatArray:
     return arr
 
 
-# Entries are at most ~2 MB (four weeks at 15 minutes, ~100 terms); typical ones are tiny.
-@functools.lru_cache(maxsize=CACHED_SHAPES)
+class _ShapeCache:
+    """A thread-safe LRU of data-independent arrays, bounded by their total size in bytes.
+
+    Entries are at most ~2 MB (four weeks at 15 minutes, ~100 terms); typical ones are tens to
+    hundreds of kB. A miss computes outside the lock (two threads may both compute one entry;
+    the results are identical).
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self._max_bytes = max_bytes
+        self._bytes = 0
+        self._items: OrderedDict[Hashable, tuple[object, int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(
+        self, key: Hashable, make: Callable[[], object], size: Callable[[object], int]
+    ) -> object:
+        with self._lock:
+            hit = self._items.get(key)
+            if hit is not None:
+                self._items.move_to_end(key)
+                return hit[0]
+        value = make()
+        nbytes = size(value)
+        with self._lock:
+            if key not in self._items:
+                self._items[key] = (value, nbytes)
+                self._bytes += nbytes
+                while self._bytes > self._max_bytes and len(self._items) > 1:
+                    _, (_, dropped) = self._items.popitem(last=False)
+                    self._bytes -= dropped
+        return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._bytes = 0
+
+
+_CACHE = _ShapeCache(CACHE_BYTES)
+
+
 def _basis(n: int, spec: _Spec) -> _Basis:
+    """The cached `_make_basis(n, spec)`."""
+    value = _CACHE.get(("basis", n, spec), lambda: _make_basis(n, spec), _basis_bytes)
+    assert isinstance(value, _Basis)
+    return value
+
+
+def _basis_bytes(value: object) -> int:
+    assert isinstance(value, _Basis)
+    arrays = (value.x, value.weights, value.gram_inverse, value.xw, value.temperature_penalty)
+    return sum(a.nbytes for a in arrays)
+
+
+def _future_design(n: int, horizon: int, spec: _Spec) -> FloatArray:
+    """The cached `_make_future_design(n, horizon, spec)`."""
+    value = _CACHE.get(
+        ("future", n, horizon, spec),
+        lambda: _make_future_design(n, horizon, spec),
+        lambda v: int(np.asarray(v).nbytes),
+    )
+    assert isinstance(value, np.ndarray)
+    return value
+
+
+def _make_basis(n: int, spec: _Spec) -> _Basis:
     t = np.arange(n, dtype=np.float64)
     week = 7 * spec.steps_per_day
     x = _calendar_design(spec, t, (t - (n - 1)) / week)
     w = 0.5 ** ((n - 1 - t) / (HALF_LIFE_DAYS * spec.steps_per_day))
     xw = x * w[:, None]
-    gram = x.T @ xw + np.diag(_penalty(spec, x.shape[1], float(w.sum())))
+    weight_sum = float(w.sum())
+    gram = x.T @ xw + np.diag(_penalty(spec, x.shape[1], weight_sum))
     inverse = _solve(gram, np.eye(len(gram)))
-    return _Basis(_frozen(x), _frozen(w), _frozen(inverse))
+    temperature_penalty = np.diag(_penalty(spec, x.shape[1] + 2, weight_sum))
+    return _Basis(
+        _frozen(x), _frozen(w), _frozen(inverse), _frozen(xw), _frozen(temperature_penalty)
+    )
 
 
-@functools.lru_cache(maxsize=CACHED_SHAPES)
-def _future_design(n: int, horizon: int, spec: _Spec) -> FloatArray:
+def _make_future_design(n: int, horizon: int, spec: _Spec) -> FloatArray:
     h = np.arange(1, horizon + 1, dtype=np.float64)
     week = 7 * spec.steps_per_day
     # Damped with a one-day time constant: a trend fitted on days must not run away over weeks.
@@ -185,9 +286,11 @@ class _Fit:
 def _fit(y: FloatArray, spec: _Spec, temps: FloatArray | None) -> _Fit:
     basis = _basis(len(y), spec)
     if spec.temperature and temps is not None:
-        x = np.hstack([basis.x, _degree_terms(temps)])
-        xw = x * basis.weights[:, None]
-        gram = x.T @ xw + np.diag(_penalty(spec, x.shape[1], float(basis.weights.sum())))
+        degree = _degree_terms(temps)
+        x = np.hstack([basis.x, degree])
+        # Element for element the products of x * weights[:, None], the calendar part cached.
+        xw = np.hstack([basis.xw, degree * basis.weights[:, None]])
+        gram = x.T @ xw + basis.temperature_penalty
         beta = _solve(gram, xw.T @ y)
     else:
         x = basis.x

@@ -55,17 +55,34 @@ def _grid_outcome(base: BaseGridSwitch, sc: Scenario) -> Outcome:
     return dispatch.to_result(), summary
 
 
+def _knobs(base: BaseForecast | BaseStorage | BaseGridSwitch, sc: Scenario) -> tuple[str, str]:
+    """The scenario knobs the base model reads (exact, as hex: -0.0 and 0.0 stay apart)."""
+    if isinstance(base, BaseForecast):
+        return sc.load_scale.hex(), sc.temperature_delta_c.hex()
+    return sc.load_scale.hex(), sc.price_scale.hex()
+
+
 def simulate(payload: SimulationPayload) -> dict[str, object]:
-    """The SimulationResult fields: one outcome per scenario, in the order given."""
+    """The SimulationResult fields: one outcome per scenario, in the order given.
+
+    Scenarios that differ only in knobs their base model ignores (price for a forecast) or only
+    in name get the same outcome; it is computed once per request.
+    """
     outcomes = []
     base = payload.base
+    computed: dict[tuple[str, str], Outcome] = {}
     for sc in payload.scenarios:
-        if isinstance(base, BaseForecast):
-            result, summary = _forecast_outcome(base, sc)
-        elif isinstance(base, BaseStorage):
-            result, summary = _storage_outcome(base, sc)
-        else:
-            result, summary = _grid_outcome(base, sc)
+        knobs = _knobs(base, sc)
+        outcome = computed.get(knobs)
+        if outcome is None:
+            if isinstance(base, BaseForecast):
+                outcome = _forecast_outcome(base, sc)
+            elif isinstance(base, BaseStorage):
+                outcome = _storage_outcome(base, sc)
+            else:
+                outcome = _grid_outcome(base, sc)
+            computed[knobs] = outcome
+        result, summary = outcome
         rounded = {k: round(v, 6) + 0.0 for k, v in summary.items()}
         outcomes.append({"name": sc.name, "result": result, "summary": rounded})
     return {"base_type": base.request_type, "scenarios": outcomes}
