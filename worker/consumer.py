@@ -14,6 +14,7 @@ from collections.abc import Awaitable
 from datetime import UTC, datetime
 from typing import Any
 
+import aiormq
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
@@ -109,7 +110,12 @@ class Consumer:
         if self._queue is None or self._consumer_tag is None:
             return
         tag, self._consumer_tag = self._consumer_tag, None
-        await self._queue.cancel(tag)
+        try:
+            await self._queue.cancel(tag)
+        except (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError) as exc:
+            # The channel went away (a broker restart, say, while it was being restored): its
+            # consumer went with it, and whatever it had delivered unacked comes back.
+            log.warning("consumer.cancel_failed", error=repr(exc)[:200])
         log.info("consumer.paused", in_flight=self.in_flight)
 
     async def drain(self, grace_s: float) -> bool:
