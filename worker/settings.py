@@ -45,7 +45,7 @@ class Settings(BaseSettings):
         description="Delay-queue tiers after the in-process budget is spent; then the DLQ.",
     )
 
-    prefetch: int = Field(default=128, ge=1, le=65535)
+    prefetch: int = Field(default=256, ge=1, le=65535)
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
     db_pool_size: int = Field(default=8, ge=1)
     db_batch_max: int = Field(default=100, ge=1, description="Most runs per transaction.")
