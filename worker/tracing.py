@@ -94,4 +94,4 @@ def extract(headers: Mapping[str, Any] | None) -> context.Context:
     return propagate.extract(carrier)
 
 
-__all__ = ["SpanKind", "active", "configure", "extract", "inject", "span", "tracer"]
+__all__ = ["SpanKind", "active", "configure", "extract", "inject", "install", "span", "tracer"]
