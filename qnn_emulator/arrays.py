@@ -1,11 +1,20 @@
-"""Array typing and the one way numbers are rounded for the wire."""
+"""Array typing, read-only cached arrays, and the one way numbers are rounded for the wire."""
 
 from __future__ import annotations
+
+from typing import Any, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
 
 FloatArray = NDArray[np.float64]
+Array = TypeVar("Array", bound=NDArray[Any])
+
+
+def frozen(array: Array) -> Array:
+    """The array made read-only: cached arrays are shared, and a write would corrupt them all."""
+    array.setflags(write=False)
+    return array
 
 
 def wire_floats(values: FloatArray, decimals: int = 6) -> list[float]:

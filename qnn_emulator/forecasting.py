@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.linalg import cho_factor, cho_solve, get_lapack_funcs
 
-from qnn_emulator.arrays import FloatArray, wire_floats
+from qnn_emulator.arrays import FloatArray, frozen, wire_floats
 
 MAX_DAILY_HARMONICS = 12
 WEEKLY_HARMONICS = 3
@@ -174,11 +174,6 @@ def _solve(gram: FloatArray, rhs: FloatArray) -> FloatArray:
         return np.asarray(np.linalg.lstsq(gram, rhs, rcond=None)[0], dtype=np.float64)
 
 
-def _frozen(arr: FloatArray) -> FloatArray:
-    arr.setflags(write=False)
-    return arr
-
-
 class _ShapeCache:
     """A thread-safe LRU of data-independent arrays, bounded by their total size in bytes.
 
@@ -256,7 +251,7 @@ def _make_basis(n: int, spec: _Spec) -> _Basis:
     inverse = _solve(gram, np.eye(len(gram)))
     temperature_penalty = np.diag(_penalty(spec, x.shape[1] + 2, weight_sum))
     return _Basis(
-        _frozen(x), _frozen(w), _frozen(inverse), _frozen(xw), _frozen(temperature_penalty)
+        frozen(x), frozen(w), frozen(inverse), frozen(xw), frozen(temperature_penalty)
     )
 
 
@@ -266,7 +261,7 @@ def _make_future_design(n: int, horizon: int, spec: _Spec) -> FloatArray:
     # Damped with a one-day time constant: a trend fitted on days must not run away over weeks.
     damp = 1.0 - 1.0 / spec.steps_per_day
     trend = damp * (1.0 - damp**h) / (1.0 - damp) / week
-    return _frozen(_calendar_design(spec, (n - 1) + h, trend))
+    return frozen(_calendar_design(spec, (n - 1) + h, trend))
 
 
 def _future_temperatures(temps: FloatArray, steps_per_day: int, horizon: int) -> FloatArray:

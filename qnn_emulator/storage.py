@@ -27,7 +27,7 @@ import scipy.sparse as sp
 from numpy.typing import NDArray
 from scipy.optimize import linprog
 
-from qnn_emulator.arrays import FloatArray, wire_floats
+from qnn_emulator.arrays import FloatArray, frozen, wire_floats
 
 IntArray = NDArray[np.int32]
 
@@ -197,20 +197,10 @@ def _pattern(steps: int, with_load: bool) -> _Pattern:
     indptr = np.zeros(3 * steps + 1, dtype=np.int32)
     np.cumsum(counts, out=indptr[1:])
     return _Pattern(
-        indptr=_frozen_int(indptr),
-        indices=_frozen_int(np.asarray(indices, dtype=np.int32)),
-        kind=_frozen_intp(np.asarray(kinds, dtype=np.intp)),
+        indptr=frozen(indptr),
+        indices=frozen(np.asarray(indices, dtype=np.int32)),
+        kind=frozen(np.asarray(kinds, dtype=np.intp)),
     )
-
-
-def _frozen_int(arr: IntArray) -> IntArray:
-    arr.setflags(write=False)
-    return arr
-
-
-def _frozen_intp(arr: NDArray[np.intp]) -> NDArray[np.intp]:
-    arr.setflags(write=False)
-    return arr
 
 
 def _schedule_lp(battery: Battery, price: FloatArray, dt: float, load: FloatArray | None) -> _LP:
