@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aio_pika
+import asyncpg
 import httpx
 import orjson
 from aio_pika.abc import AbstractRobustConnection
@@ -48,6 +49,16 @@ async def wait_for(
         if asyncio.get_running_loop().time() > deadline:
             raise TimeoutError(f"condition not met within {within_s}s (last value {value!r})")
         await asyncio.sleep(interval)
+
+
+async def events_sent(pool: asyncpg.Pool) -> bool:
+    """A run is stored and the outbox holds nothing unsent: its events are out."""
+    return bool(
+        await pool.fetchval(
+            "SELECT count(*) = 0 FROM outbox WHERE published_at IS NULL "
+            "AND EXISTS (SELECT 1 FROM optimization_runs)"
+        )
+    )
 
 
 async def bind_event_queue(

@@ -11,7 +11,14 @@ from producers.publisher import Publisher
 from producers.reader import parse_request
 from producers.sample import generate_requests
 from tests.conftest import make_settings
-from tests.harness import bind_event_queue, drain_queue, event_bodies, running_worker, wait_for
+from tests.harness import (
+    bind_event_queue,
+    drain_queue,
+    event_bodies,
+    events_sent,
+    running_worker,
+    wait_for,
+)
 
 
 def _forecast_with_spike() -> dict[str, Any]:
@@ -34,9 +41,7 @@ async def test_spike_in_history_is_stored_and_emitted(
     async with running_worker(make_settings(amqp_url, database_url, emulator)), \
             Publisher.connect(amqp_url) as publisher:
         await publisher.publish(parse_request(doc))
-        await wait_for(lambda: pool.fetchval(
-            "SELECT count(*) = 0 FROM outbox WHERE published_at IS NULL AND "
-            "EXISTS (SELECT 1 FROM optimization_runs)"))
+        await wait_for(lambda: events_sent(pool))
     rows = await pool.fetch(
         "SELECT a.*, r.request_id FROM anomalies a JOIN optimization_runs r "
         "ON r.id = a.optimization_run_id WHERE a.anomaly_type = 'input_spike'")

@@ -21,6 +21,7 @@ from tests.harness import (
     bind_event_queue,
     drain_queue,
     event_bodies,
+    events_sent,
     metric,
     queue_depth,
     running_worker,
@@ -103,9 +104,7 @@ async def test_acceptance_500_valid_25_invalid_50_duplicates(
         await wait_for(lambda: _depth_is(amqp, topology.DEAD_LETTER_QUEUE, 25))
         await wait_for(lambda: _depth_is(amqp, topology.REQUESTS_QUEUE, 0))
         await wait_for(lambda: worker.metrics.in_flight._value.get() == 0)
-        await wait_for(
-            lambda: pool.fetchval("SELECT count(*) = 0 FROM outbox WHERE published_at IS NULL")
-        )
+        await wait_for(lambda: events_sent(pool))
         samples = await scrape(worker.metrics_port or 0)
 
     statuses = await pool.fetch("SELECT status, count(*) FROM optimization_runs GROUP BY 1")

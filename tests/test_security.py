@@ -13,7 +13,7 @@ from producers.publisher import Publisher
 from producers.reader import parse_request
 from producers.sample import generate_requests
 from tests.conftest import make_settings
-from tests.harness import running_worker, wait_for
+from tests.harness import events_sent, running_worker, wait_for
 from worker.logs import redact
 from worker.settings import Settings
 
@@ -66,9 +66,7 @@ async def test_worker_runs_as_least_privilege_role(
                 "SELECT count(*) = 8 FROM optimization_runs WHERE status = 'completed'"
             )
         )
-        await wait_for(
-            lambda: pool.fetchval("SELECT count(*) = 0 FROM outbox WHERE published_at IS NULL")
-        )
+        await wait_for(lambda: events_sent(pool))
     conn = await asyncpg.connect(worker_url)
     try:
         with pytest.raises(asyncpg.InsufficientPrivilegeError):

@@ -14,7 +14,7 @@ from producers.publisher import Publisher
 from producers.reader import parse_request
 from producers.sample import generate_requests
 from tests.conftest import make_settings
-from tests.harness import running_worker, wait_for
+from tests.harness import events_sent, running_worker, wait_for
 from worker import tracing
 
 
@@ -40,9 +40,7 @@ async def test_one_trace_from_publish_to_events(
     async with running_worker(make_settings(amqp_url, database_url, emulator)), \
             Publisher.connect(amqp_url) as publisher:
         await publisher.publish(parse_request(doc))
-        await wait_for(lambda: pool.fetchval(
-            "SELECT count(*) = 0 FROM outbox WHERE published_at IS NULL AND "
-            "EXISTS (SELECT 1 FROM optimization_runs)"))
+        await wait_for(lambda: events_sent(pool))
         await wait_for(lambda: len(_named(spans.get_finished_spans(), "eglo.events publish")) == 2)
 
     finished = spans.get_finished_spans()
