@@ -150,8 +150,6 @@ class QnnClient:
             # Most calls succeed first time; the retry machinery costs more than the call's own
             # bookkeeping, so it is entered only after a failure.
             try:
-                if self._breaker is not None:
-                    await self._breaker.wait_callable()
                 result, metadata = await self._try_once(request.request_type, body)
                 tries = 1
             except _Transient as first:
@@ -188,8 +186,6 @@ class QnnClient:
                 wait_jitter=s.qnn_backoff_initial_s,
             ):
                 with attempt:
-                    if self._breaker is not None:
-                        await self._breaker.wait_callable()
                     tries += 1
                     result, metadata = await self._try_once(request_type, body)
         except _Transient as exc:
@@ -201,6 +197,9 @@ class QnnClient:
     async def _try_once(
         self, request_type: str, body: dict[str, Any]
     ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """One call, once the circuit breaker lets calls through; its outcome feeds the breaker."""
+        if self._breaker is not None:
+            await self._breaker.wait_callable()
         try:
             answer = await self._call(request_type, body)
         except _Transient as exc:
