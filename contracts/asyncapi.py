@@ -16,7 +16,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from contracts.requests import REQUEST_TYPES, SCHEMA_VERSION
+from contracts.requests import SCHEMA_VERSION
+from contracts.rules import rules_document
 from contracts.schemas import render_schemas
 from contracts.topology import (
     DEAD_LETTER_EXCHANGE,
@@ -26,19 +27,7 @@ from contracts.topology import (
     REQUESTS_EXCHANGE,
     REQUESTS_QUEUE,
 )
-
-RUN_STATUSES = ("completed", "failed", "expired")
-SEVERITIES = ("low", "medium", "high", "critical")
-DEAD_LETTER_REASONS = (
-    "invalid_json",
-    "invalid_request",
-    "unknown_request_type",
-    "unsupported_schema_version",
-    "unsupported_content_type",
-    "body_too_large",
-    "request_id_conflict",
-    "retries_exhausted",
-)
+from contracts.vocabulary import DEAD_LETTER_REASONS, REQUEST_TYPES, RUN_STATUSES, SEVERITIES
 
 AMQP_BINDING_VERSION = "0.3.0"
 COMPONENT_REF = "#/components/schemas/"
@@ -50,6 +39,7 @@ MESSAGE_SCHEMAS = {
     "RunOutcome": "event.run-outcome.v1.json",
     "EmbeddingRequested": "event.embedding-requested.v1.json",
     "AnomalyDetected": "event.anomaly-detected.v1.json",
+    "RequestDeadLettered": "event.request-dead-lettered.v1.json",
 }
 
 
@@ -77,12 +67,7 @@ def _rewrite(node: Any, renames: dict[str, str]) -> Any:
     if isinstance(node, dict):
         out: dict[str, Any] = {}
         for key, value in node.items():
-            if key == "discriminator" and isinstance(value, dict):
-                # AsyncAPI Schema's discriminator is the property name, not OpenAPI's object; each
-                # oneOf branch already pins that property with `const`, so the mapping adds nothing.
-                out[key] = value["propertyName"]
-            else:
-                out[key] = _rewrite(value, renames)
+            out[key] = _rewrite(value, renames)
         return out
     if isinstance(node, list):
         return [_rewrite(item, renames) for item in node]
@@ -154,9 +139,15 @@ REQUEST_HEADERS: dict[str, Any] = {
             "minimum": 0,
             "description": (
                 "Set by workers on copies re-queued through a delay queue: delay-queue round "
-                "trips so far. Producers leave it unset."
+                "trips so far, an AMQP long-long (64-bit signed, type octet `l`). Producers "
+                "leave it unset."
             ),
         },
+        "x-eglo-published-at": _string(
+            "Optional: when the producer published, RFC 3339 with an offset, to the millisecond "
+            "(latency metrics; without it the AMQP timestamp property is used).",
+            format="date-time",
+        ),
     },
 }
 
@@ -169,8 +160,21 @@ DEAD_LETTER_HEADERS: dict[str, Any] = {
             examples=list(DEAD_LETTER_REASONS),
         ),
         "x-eglo-dead-letter-detail": _string(
-            "Human-readable detail (validation errors, the last QNN error), at most 1000 chars.",
+            "Human-readable detail (validation errors, the last QNN error), at most 1000 chars; "
+            "names the broken rule as `(rule <id>)` when a rule is why.",
             maxLength=1000,
+        ),
+        "x-eglo-dead-letter-rule": _string(
+            "Set with reason invalid_request when a cross-field rule is why: the rule's id "
+            "from x-eglo-rules (docs/schemas/request.rules.v1.json).",
+        ),
+        "x-eglo-original-expiration": _string(
+            "The original expiration property (ms), which the copy does not carry (it would "
+            "expire the dead letter).",
+        ),
+        "x-eglo-original-user-id": _string(
+            "The original user_id property, which the copy does not carry (the broker refuses "
+            "a user_id other than the publishing connection's user).",
         ),
         "x-eglo-original-routing-key": _string(
             "Routing key of the original publish, e.g. request.forecast; replay with it.",
@@ -186,16 +190,38 @@ DEAD_LETTER_HEADERS: dict[str, Any] = {
         "x-death": {
             "type": "array",
             "description": (
-                "Added by the broker instead of the x-eglo-* headers when the quorum queue's "
-                f"delivery limit ({DELIVERY_LIMIT}) dead-letters a message that crashed workers."
+                "Added by the broker, instead of the x-eglo-* headers, when the broker itself "
+                f"dead-lettered the original from {REQUESTS_QUEUE}: reason `delivery_limit` after "
+                f"{DELIVERY_LIMIT} deliveries that crashed workers, or `rejected` when a worker "
+                "could not publish its own copy (eglo_settle_fallbacks_total counts those; the "
+                "worker logs request.copy_failed with the reason it had). Each entry has queue, "
+                "reason, count, time, exchange and routing-keys."
             ),
         },
     },
+    "description": (
+        "Every other header and property of the original is kept exactly, with its AMQP type "
+        "(64-bit doubles stay doubles, integers keep their width, timestamps their raw value, "
+        "nested tables and byte arrays as sent). eglo's own headers are long strings, and "
+        "x-eglo-attempt a long-long."
+    ),
 }
+
+EVENT_PROPERTIES = (
+    "AMQP properties: content_type application/json, delivery_mode 2 (persistent), "
+    "message_id = event_id (deduplicate on it), type = event_type, timestamp = when the worker "
+    "published it (whole seconds)."
+)
 
 
 def _message(
-    name: str, title: str, summary: str, *, headers: dict[str, Any] | None, payload: Any
+    name: str,
+    title: str,
+    summary: str,
+    *,
+    headers: dict[str, Any] | None,
+    payload: Any,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     message: dict[str, Any] = {
         "name": name,
@@ -206,6 +232,7 @@ def _message(
     if headers is not None:
         message["headers"] = headers
     message["payload"] = payload
+    message.update(extra or {})
     return message
 
 
@@ -216,10 +243,16 @@ def _messages() -> dict[str, Any]:
             "OptimizationRequest",
             "Optimization request",
             "One forecast, storage, grid_switch or simulation request (schema_version 1). "
-            "AMQP properties: content_type application/json, delivery_mode 2 (persistent), "
-            "message_id = request_id, optional reply_to + correlation_id for a direct reply.",
+            "AMQP properties: content_type application/json (any JSON media type: "
+            "application/json, text/json or */*+json, parameters allowed, charset UTF-8 only; "
+            "or unset), delivery_mode 2 (persistent), message_id = request_id, optional reply_to "
+            "+ correlation_id for a direct reply. The routing key's <type> must equal the "
+            "body's request_type. Types are exact: no number in a string, no boolean for a "
+            "number, dates as YYYY-MM-DD, instants as RFC 3339 with an offset, optional fields "
+            "left out rather than null. Beyond the schema, the rules in x-eglo-rules apply.",
             headers=REQUEST_HEADERS,
             payload={"$ref": schema + "OptimizationRequest"},
+            extra={"x-eglo-rules": rules_document()["rules"]},
         ),
         "DeadLetteredRequest": _message(
             "DeadLetteredRequest",
@@ -236,23 +269,35 @@ def _messages() -> dict[str, Any]:
             "RunOutcome",
             "Run outcome",
             "A request's terminal outcome, emitted once per run via the transactional outbox. "
-            "AMQP properties: message_id = event_id (deduplicate on it), type = event_type.",
+            + EVENT_PROPERTIES
+            + " Sent as a reply too, with the request's correlation_id.",
             headers=None,
             payload={"$ref": schema + "RunOutcome"},
         ),
         "EmbeddingRequested": _message(
             "EmbeddingRequested",
             "Embedding requested",
-            "A completed run whose scenario the embedder should embed.",
+            "A completed run whose scenario the embedder should embed. " + EVENT_PROPERTIES,
             headers=None,
             payload={"$ref": schema + "EmbeddingRequested"},
         ),
         "AnomalyDetected": _message(
             "AnomalyDetected",
             "Anomaly detected",
-            "An anomaly noticed in a run or synced from the QNN monitoring API.",
+            "An anomaly eglo's checks noticed in a completed run, emitted with its outcome. "
+            + EVENT_PROPERTIES,
             headers=None,
             payload={"$ref": schema + "AnomalyDetected"},
+        ),
+        "RequestDeadLettered": _message(
+            "RequestDeadLettered",
+            "Request dead-lettered (reply)",
+            "The reply to a request with reply_to that was dead-lettered instead of becoming "
+            "a run: reason, rule and detail as in the dead letter's headers. "
+            + EVENT_PROPERTIES
+            + " correlation_id = the request's.",
+            headers=None,
+            payload={"$ref": schema + "RequestDeadLettered"},
         ),
     }
 
@@ -333,10 +378,17 @@ def _channels() -> dict[str, Any]:
             "address": None,
             "title": "Direct replies",
             "description": (
-                "A copy of the RunOutcome sent through the default exchange to the request's "
-                "reply_to queue, with its correlation_id."
+                "Exactly one reply per request that sets the AMQP reply_to property (a property, "
+                "not a header), through the default exchange to that queue, with the request's "
+                "correlation_id: the RunOutcome when a run is stored (completed, failed, "
+                "expired), the stored run's RunOutcome again for a re-sent request_id, and "
+                "RequestDeadLettered when the request is dead-lettered. A redelivered request "
+                "can repeat a reply with the same message_id: drop repeats."
             ),
-            "messages": {"runOutcome": msg("RunOutcome")},
+            "messages": {
+                "runOutcome": msg("RunOutcome"),
+                "requestDeadLettered": msg("RequestDeadLettered"),
+            },
         },
         "embeddingRequested": {
             "address": "embedding.requested",
@@ -379,13 +431,14 @@ def _operations() -> dict[str, Any]:
         "Producers submit a request; wait for the publisher confirm before forgetting it.",
         {**persistent, "mandatory": True},
     )
+    # No `address`: AsyncAPI's runtime expressions reach headers and payload, not the AMQP
+    # reply_to property, which is where the reply goes (see the replies channel).
     publish_request["reply"] = {
-        "address": {
-            "location": "$message.header#/reply_to",
-            "description": "The AMQP reply_to property, when the producer set one.",
-        },
         "channel": _ref("channels", "replies"),
-        "messages": [_ref("channels", "replies", "messages", "runOutcome")],
+        "messages": [
+            _ref("channels", "replies", "messages", "runOutcome"),
+            _ref("channels", "replies", "messages", "requestDeadLettered"),
+        ],
     }
     return {
         "publishRequest": publish_request,
@@ -422,6 +475,13 @@ def _operations() -> dict[str, Any]:
             "replies",
             "runOutcome",
             "Workers send the outcome to the request's reply_to queue.",
+            persistent,
+        ),
+        "replyRequestDeadLettered": _operation(
+            "send",
+            "replies",
+            "requestDeadLettered",
+            "Workers tell the request's reply_to queue that the request was dead-lettered.",
             persistent,
         ),
         "emitEmbeddingRequested": _operation(

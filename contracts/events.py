@@ -6,26 +6,30 @@ re-sends the same id, so consumers drop the rare duplicate by remembering ids.
 
 from __future__ import annotations
 
-import uuid
-from datetime import date, datetime
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from contracts.requests import RequestType
 from contracts.results import ExecutionMetadata
+from contracts.vocabulary import DeadLetterReason, RequestType
+from contracts.vocabulary import RunStatus as RunStatus
+from contracts.vocabulary import Severity as Severity
+from contracts.wire import Integer, SchemaVersion, WireDate, WireDateTime, WireUUID
 
-RunStatus = Literal["completed", "failed", "expired"]
 
-
-class Event(BaseModel):
+class _Message(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
-    schema_version: Literal[1] = 1
-    event_id: uuid.UUID
-    event_type: str = Field(description="Also the routing key, e.g. run.completed.forecast.")
-    occurred_at: datetime
-    run_id: uuid.UUID
+    schema_version: SchemaVersion = 1
+    event_id: WireUUID = Field(description="Also the AMQP message_id; deduplicate on it.")
+    event_type: str = Field(
+        description="Also the AMQP type property and, on eglo.events, the routing key."
+    )
+    occurred_at: WireDateTime
+
+
+class Event(_Message):
+    run_id: WireUUID
     request_id: str
     request_type: RequestType
 
@@ -35,8 +39,8 @@ class RunOutcome(Event):
 
     status: RunStatus
     region: str
-    forecast_date: date
-    attempts: int = Field(ge=1, description="Deliveries it took, delay-queue retries included.")
+    forecast_date: WireDate
+    attempts: Integer = Field(ge=1, description="Deliveries it took, delay-queue retries included.")
     result: dict[str, Any] | None = None
     execution: ExecutionMetadata | None = None
     error_code: str | None = None
@@ -47,20 +51,35 @@ class EmbeddingRequested(Event):
     """`embedding.requested`: a completed run whose scenario should be embedded."""
 
 
-Severity = Literal["low", "medium", "high", "critical"]
-
-
 class AnomalyDetected(Event):
     """`anomaly.detected.<severity>`: something about a completed run an operator should see."""
 
-    anomaly_id: uuid.UUID
+    anomaly_id: WireUUID
     anomaly_type: str = Field(description="e.g. input_spike, forecast_outside_envelope.")
     severity: Severity
     description: str
     suggested_actions: list[str]
     details: dict[str, Any] = Field(default_factory=dict)
     region: str
-    forecast_date: date
+    forecast_date: WireDate
+
+
+REQUEST_DEAD_LETTERED: Final = "request.dead_lettered"
+
+
+class RequestDeadLettered(_Message):
+    """The reply to a request with `reply_to` that was dead-lettered instead of becoming a run."""
+
+    event_type: Literal["request.dead_lettered"] = "request.dead_lettered"
+    request_id: str | None = Field(
+        default=None, description="The body's request_id, when it had a readable one."
+    )
+    request_type: RequestType | None = None
+    reason: DeadLetterReason = Field(description="As in x-eglo-dead-letter-reason.")
+    rule: str | None = Field(
+        default=None, description="The broken rule's id (request.rules.v1.json), if that is why."
+    )
+    detail: str
 
 
 def anomaly_routing_key(severity: str) -> str:

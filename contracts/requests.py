@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from datetime import date, datetime
 from typing import Annotated, Any, Final, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
+
+from contracts.rules import violation
+from contracts.vocabulary import REQUEST_TYPES as REQUEST_TYPES
+from contracts.vocabulary import RequestType as RequestType
+from contracts.wire import (
+    Integer,
+    Resolution,
+    SchemaVersion,
+    WireDate,
+    WireDateTime,
+    on_wire,
+)
 
 SCHEMA_VERSION: Final = 1
-REQUEST_TYPES = ("forecast", "storage", "grid_switch", "simulation")
-RequestType = Literal["forecast", "storage", "grid_switch", "simulation"]
 
 MAX_STEPS = 2016  # two weeks at 10-minute resolution; bounds memory per message
 MAX_HISTORY = 8 * 7 * 96  # eight weeks of 15-minute readings
@@ -20,12 +29,27 @@ MAX_SOURCES = 32
 MAX_SCENARIOS = 50
 
 NonNegative = Annotated[float, Field(ge=0)]
+# Names and regions: no control characters (PostgreSQL cannot store NUL in text or jsonb).
+Label = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[^\u0000-\u001f\u007f]+$")]
 
 
 class Contract(BaseModel):
-    """Strict base: unknown fields are rejected and NaN/Infinity never validate."""
+    """Strict base: unknown fields are rejected and NaN/Infinity never validate.
+
+    An optional field is left out when unset; on the wire an explicit `null` is an error, as the
+    schema says (it lists no null type, so that generated clients get plain optional fields).
+    """
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nulls(cls, data: Any, info: ValidationInfo) -> Any:
+        if on_wire(info) and isinstance(data, dict):
+            for name, value in data.items():
+                if value is None and name in cls.model_fields:
+                    raise ValueError(f"{name} is null: leave an unset optional field out")
+        return data
 
 
 MIN_HISTORY = 24
@@ -35,15 +59,17 @@ MAX_DATASET_DAYS = 56
 class DatasetRef(Contract):
     """A stored period of `energy_datasets` to use as history instead of sending it inline."""
 
-    region: str = Field(min_length=1, max_length=64)
-    start_date: date
-    end_date: date = Field(description="Inclusive.")
+    region: Label
+    start_date: WireDate
+    end_date: WireDate = Field(description="Inclusive.")
 
     @model_validator(mode="after")
     def _ordered(self) -> DatasetRef:
         days = (self.end_date - self.start_date).days + 1
         if not 1 <= days <= MAX_DATASET_DAYS:
-            raise ValueError(f"a dataset_ref spans 1 to {MAX_DATASET_DAYS} days, not {days}")
+            raise violation(
+                "dataset_ref.span", f"a dataset_ref spans 1 to {MAX_DATASET_DAYS} days, not {days}"
+            )
         return self
 
 
@@ -54,14 +80,26 @@ class ForecastPayload(Contract):
     resolves a reference from `energy_datasets` before calling the QNN, and stores both.
     """
 
+    # Without a dataset_ref, at least MIN_HISTORY inline values: stated in the schema itself.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "if": {"type": "object", "not": {"type": "object", "required": ["dataset_ref"]}},
+            "then": {
+                "type": "object",
+                "required": ["historical_loads"],
+                "properties": {"historical_loads": {"type": "array", "minItems": MIN_HISTORY}},
+            },
+        }
+    )
+
     historical_loads: list[NonNegative] = Field(
         default_factory=list,
         max_length=MAX_HISTORY,
         description=f"Past load in MW, oldest first; at least {MIN_HISTORY} unless dataset_ref.",
     )
     dataset_ref: DatasetRef | None = None
-    resolution_minutes: Literal[15, 30, 60] = 60
-    horizon_steps: int = Field(default=24, ge=1, le=MAX_STEPS)
+    resolution_minutes: Resolution = 60
+    horizon_steps: Integer = Field(default=24, ge=1, le=MAX_STEPS)
     temperature_c: list[Annotated[float, Field(ge=-80, le=70)]] | None = Field(
         default=None, max_length=MAX_HISTORY, description="Aligned with historical_loads."
     )
@@ -73,7 +111,10 @@ class ForecastPayload(Contract):
                 f"historical_loads needs at least {MIN_HISTORY} values (or give a dataset_ref)"
             )
         if self.temperature_c is not None and len(self.temperature_c) != len(self.historical_loads):
-            raise ValueError("temperature_c must have one value per historical_loads value")
+            raise violation(
+                "forecast.temperature_aligned",
+                "temperature_c must have one value per historical_loads value",
+            )
         return self
 
     @property
@@ -95,7 +136,7 @@ class StoragePayload(Contract):
     price_schedule: list[float] = Field(
         min_length=1, max_length=MAX_STEPS, description="Energy price per step, currency/kWh."
     )
-    resolution_minutes: Literal[15, 30, 60] = 60
+    resolution_minutes: Resolution = 60
     load_forecast: list[NonNegative] | None = Field(
         default=None, max_length=MAX_STEPS, description="Site load in kW per step."
     )
@@ -103,18 +144,23 @@ class StoragePayload(Contract):
     @model_validator(mode="after")
     def _consistent(self) -> StoragePayload:
         if not self.soc_min_kwh <= self.soc_max_kwh <= self.capacity_kwh:
-            raise ValueError("need soc_min_kwh <= soc_max_kwh <= capacity_kwh")
+            raise violation("storage.soc_bounds", "need soc_min_kwh <= soc_max_kwh <= capacity_kwh")
         if not self.soc_min_kwh <= self.soc_initial_kwh <= self.soc_max_kwh:
-            raise ValueError("need soc_min_kwh <= soc_initial_kwh <= soc_max_kwh")
+            raise violation(
+                "storage.soc_initial", "need soc_min_kwh <= soc_initial_kwh <= soc_max_kwh"
+            )
         if self.load_forecast is not None and len(self.load_forecast) != len(self.price_schedule):
-            raise ValueError("load_forecast must have one value per price_schedule step")
+            raise violation(
+                "storage.load_forecast_aligned",
+                "load_forecast must have one value per price_schedule step",
+            )
         return self
 
 
 class SupplySource(Contract):
     """One source a grid operator can dispatch."""
 
-    name: str = Field(min_length=1, max_length=64)
+    name: Label
     kind: Literal["grid", "solar", "wind", "hydro", "gas", "coal", "nuclear", "storage", "other"]
     capacity_kw: float = Field(ge=0, le=1e8)
     cost_per_kwh: float = Field(ge=-10, le=100)
@@ -126,21 +172,21 @@ class GridSwitchPayload(Contract):
     load_forecast: list[NonNegative] = Field(
         min_length=1, max_length=MAX_STEPS, description="Load in kW per step."
     )
-    resolution_minutes: Literal[15, 30, 60] = 60
+    resolution_minutes: Resolution = 60
     sources: list[SupplySource] = Field(min_length=1, max_length=MAX_SOURCES)
 
     @model_validator(mode="after")
     def _unique_sources(self) -> GridSwitchPayload:
         names = [s.name for s in self.sources]
         if len(set(names)) != len(names):
-            raise ValueError("source names must be unique")
+            raise violation("grid_switch.unique_source_names", "source names must be unique")
         return self
 
 
 class Scenario(Contract):
     """One what-if variation applied to the base request."""
 
-    name: str = Field(min_length=1, max_length=64)
+    name: Label
     load_scale: float = Field(default=1.0, gt=0, le=10)
     price_scale: float = Field(default=1.0, gt=0, le=10)
     temperature_delta_c: float = Field(default=0.0, ge=-30, le=30)
@@ -176,22 +222,23 @@ class SimulationPayload(Contract):
     def _unique_names(self) -> SimulationPayload:
         names = [s.name for s in self.scenarios]
         if len(set(names)) != len(names):
-            raise ValueError("scenario names must be unique")
+            raise violation("simulation.unique_scenario_names", "scenario names must be unique")
         return self
 
 
 class _RequestEnvelope(Contract):
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: SchemaVersion = SCHEMA_VERSION
     request_id: str = Field(
         min_length=1,
         max_length=128,
         pattern=r"^[A-Za-z0-9._:\-]+$",
         description="Idempotency key: one request_id is processed and stored once.",
     )
-    region: str = Field(min_length=1, max_length=64)
-    forecast_date: date
-    deadline: datetime | None = Field(
-        default=None, description="After this instant the request is stored as expired."
+    region: Label
+    forecast_date: WireDate
+    deadline: WireDateTime | None = Field(
+        default=None,
+        description="RFC 3339 with an offset; after this instant the request is stored as expired.",
     )
 
     @functools.cached_property

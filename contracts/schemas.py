@@ -7,8 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import TypeAdapter
+from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
+from pydantic_core import core_schema
 
-from contracts.events import AnomalyDetected, EmbeddingRequested, RunOutcome
+from contracts.events import AnomalyDetected, EmbeddingRequested, RequestDeadLettered, RunOutcome
 from contracts.requests import OptimizationRequest
 from contracts.results import (
     ExecutionMetadata,
@@ -17,12 +19,14 @@ from contracts.results import (
     SimulationResult,
     StorageResult,
 )
+from contracts.rules import rules_document
 
 SCHEMAS: dict[str, Any] = {
     "request.v1": TypeAdapter(OptimizationRequest),
     "event.run-outcome.v1": TypeAdapter(RunOutcome),
     "event.embedding-requested.v1": TypeAdapter(EmbeddingRequested),
     "event.anomaly-detected.v1": TypeAdapter(AnomalyDetected),
+    "event.request-dead-lettered.v1": TypeAdapter(RequestDeadLettered),
     "result.forecast.v1": TypeAdapter(ForecastResult),
     "result.storage.v1": TypeAdapter(StorageResult),
     "result.grid-switch.v1": TypeAdapter(GridSwitchResult),
@@ -31,17 +35,46 @@ SCHEMAS: dict[str, Any] = {
 }
 
 
+class PublishedSchema(GenerateJsonSchema):
+    """JSON Schema 2020-12 as other languages' validators and code generators read it.
+
+    An optional field is simply not required: `anyOf: [T, {"type": "null"}]` made generators emit
+    unusable types, and no message eglo reads or sends carries a null for it. OpenAPI's
+    `discriminator` keyword is left out (it is not JSON Schema; ajv's strict mode refuses it): each
+    `oneOf` branch pins `request_type` with `const`, which says the same.
+    """
+
+    def nullable_schema(self, schema: core_schema.NullableSchema) -> JsonSchemaValue:
+        return self.generate_inner(schema["schema"])
+
+    def default_schema(self, schema: core_schema.WithDefaultSchema) -> JsonSchemaValue:
+        json_schema = super().default_schema(schema)
+        if json_schema.get("default", ...) is None:
+            del json_schema["default"]
+        return json_schema
+
+    def tagged_union_schema(self, schema: core_schema.TaggedUnionSchema) -> JsonSchemaValue:
+        json_schema = super().tagged_union_schema(schema)
+        json_schema.pop("discriminator", None)
+        return json_schema
+
+
 def render_schemas() -> dict[str, str]:
     """File name → JSON Schema text, deterministic so a freshness test can compare."""
     out = {}
     for name, adapter in SCHEMAS.items():
         # Results are read leniently (by alias) but documented by their canonical names.
         mode = "serialization" if name.startswith(("result.", "execution")) else "validation"
-        schema = adapter.json_schema(mode=mode)
+        schema = adapter.json_schema(mode=mode, schema_generator=PublishedSchema)
         schema["$id"] = f"https://eglo.dev/schemas/{name}.json"
         schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-        out[f"{name}.json"] = json.dumps(schema, indent=2, sort_keys=True) + "\n"
+        out[f"{name}.json"] = _text(schema)
+    out["request.rules.v1.json"] = _text(rules_document())
     return out
+
+
+def _text(doc: dict[str, Any]) -> str:
+    return json.dumps(doc, indent=2, sort_keys=True) + "\n"
 
 
 def write_schemas(out_dir: Path) -> list[Path]:

@@ -16,6 +16,10 @@ ORIGINAL_ROUTING_KEY_HEADER = "x-eglo-original-routing-key"
 REPUBLISHED_AT_HEADER = "x-eglo-republished-at"
 ATTEMPT_HEADER = "x-eglo-attempt"
 REPLAYED_HEADER = "x-eglo-replayed"
+RULE_HEADER = "x-eglo-dead-letter-rule"
+ORIGINAL_EXPIRATION_HEADER = "x-eglo-original-expiration"
+ORIGINAL_USER_ID_HEADER = "x-eglo-original-user-id"
+
 # AMQP's own timestamp property has whole-second resolution: too coarse for latency.
 PUBLISHED_AT_HEADER = "x-eglo-published-at"
 

@@ -26,6 +26,7 @@ from typing import Any, Final, TextIO
 
 import pydantic
 
+from contracts import wire
 from contracts.requests import AnyRequest, OptimizationRequest
 from contracts.validation import format_validation_error, one_line
 
@@ -68,7 +69,7 @@ def _loads(text: str) -> Any:
 
 def parse_request(obj: Any) -> AnyRequest:
     """Validate one decoded JSON value as an optimization request (raises ValidationError)."""
-    return _ADAPTER.validate_python(obj)
+    return wire.validate(_ADAPTER, obj)
 
 
 def _item_from_value(line: int, label: str, obj: Any) -> ReadItem:

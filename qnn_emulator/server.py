@@ -161,7 +161,7 @@ async def _compute(state: EmulatorState, payload: AnyPayload) -> Prediction:
 async def predict_handler(request: web.Request) -> web.Response:
     state = request.app[STATE]
     try:
-        body = PredictBody.model_validate_json(await request.read())
+        body = PredictBody.model_validate_json(await request.read(), strict=True)
     except ValidationError as exc:
         message, details = describe_validation_error(exc)
         return error_response(422, "validation_error", message, details=details)

@@ -31,6 +31,15 @@ from tests.harness import (
 from worker import topology
 
 
+def _routing_key(body: bytes) -> str:
+    """request.<the body's type>, as a producer sets it (request.forecast for unreadable ones)."""
+    try:
+        kind = orjson.loads(body).get("request_type")
+    except orjson.JSONDecodeError:
+        kind = None
+    return topology.request_routing_key(kind if isinstance(kind, str) else "forecast")
+
+
 def _invalid_bodies(valid: list[dict[str, Any]]) -> list[tuple[bytes, str | None, str]]:
     """25 bad messages of seven kinds: (body, content_type, expected reason)."""
     bad: list[tuple[bytes, str | None, str]] = []
@@ -94,7 +103,7 @@ async def test_acceptance_500_valid_25_invalid_50_duplicates(
     settings = make_settings(amqp_url, database_url, emulator)
     async with running_worker(settings) as worker, Publisher.connect(amqp_url) as publisher:
         sends: list[Any] = [publisher.publish(parse_request(r)) for r in valid]
-        sends += [publisher.publish_raw(b, "request.forecast", content_type=ct) for b, ct, _ in bad]
+        sends += [publisher.publish_raw(b, _routing_key(b), content_type=ct) for b, ct, _ in bad]
         random.Random(2).shuffle(sends)
         await asyncio.gather(*sends)
         # Duplicates after the originals, some while the originals are still in flight.

@@ -197,7 +197,9 @@ def test_model_level_error_message(samples: list[dict[str, Any]]) -> None:
     storage = next(r for r in samples if r["request_type"] == "storage")
     payload = dict(storage["payload"]) | {"soc_max_kwh": storage["payload"]["capacity_kwh"] + 1}
     (item,) = _read(_dump(storage | {"payload": payload}))
-    assert item.error == "line 1: payload: need soc_min_kwh <= soc_max_kwh <= capacity_kwh"
+    assert item.error == (
+        "line 1: payload: need soc_min_kwh <= soc_max_kwh <= capacity_kwh (rule storage.soc_bounds)"
+    )
 
 
 def test_nested_simulation_path_omits_tags(samples: list[dict[str, Any]]) -> None:

@@ -147,6 +147,8 @@ class Worker:
                         return False, "broker connection closed"
                     if not consumer.consuming:
                         return False, "not consuming"
+                    if consumer.unsettled:
+                        return False, f"{consumer.unsettled} deliveries could not be settled"
                     return True, "consuming"
 
                 runner, self.metrics_port = await http.start(

@@ -3,8 +3,12 @@
 Settling rules: Ack → ack (the pipeline only says Ack after its commit). DeadLetter → a copy with
 the reason in headers is published to the dead-letter exchange and confirmed, then the original is
 acked. Delay → a copy with the next attempt number goes to a delay queue, confirmed, then ack.
+A decision's reply goes to the request's reply_to, confirmed, before the ack.
+A copy that cannot be published (whatever the headers, whatever the broker says) → reject without
+requeue: the queue's own dead-letter exchange takes the original, with the broker's x-death.
 An unexpected error → reject with requeue; the queue's delivery limit stops an endless loop.
-Anything unsettled when the channel closes (crash, shutdown) is redelivered by the broker.
+Anything unsettled when the channel closes (crash, shutdown) is redelivered by the broker; a
+delivery that could not be settled on an open channel makes the worker unready.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from collections.abc import Awaitable
 from datetime import UTC, datetime
 from typing import Any
 
+import aio_pika
 import aiormq
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
@@ -23,16 +28,22 @@ from contracts.topology import (
     DETAIL_HEADER,
     PUBLISHED_AT_HEADER,
     REASON_HEADER,
+    RULE_HEADER,
 )
-from worker import tracing
+from worker import amqp_codec, tracing
 from worker.metrics import Metrics
 from worker.pipeline import Ack, DeadLetter, Decision, Delay, Delivery, Pipeline
+from worker.records import Reply
 from worker.topology import (
     DEAD_LETTER_EXCHANGE,
     REQUESTS_QUEUE,
     delay_queue_name,
     republished_copy,
 )
+
+# The content header frame must fit one frame (RabbitMQ's default frame_max, 128 KiB); a larger
+# one makes the broker close the whole connection, so such a copy is never attempted.
+_MAX_HEADER_BYTES = 131072 - 4096
 
 log = structlog.get_logger(__name__)
 
@@ -46,6 +57,7 @@ def to_delivery(message: AbstractIncomingMessage) -> Delivery:
         timestamp=timestamp,
         reply_to=message.reply_to,
         correlation_id=message.correlation_id,
+        routing_key=message.routing_key,
     )
 
 
@@ -85,6 +97,15 @@ class Consumer:
         self._tasks: set[asyncio.Task[None]] = set()
         self.idle = asyncio.Event()
         self.idle.set()
+        self.unsettled = 0
+        reopened = getattr(consume_channel, "reopen_callbacks", None)
+        if reopened is not None:
+            # Deliveries of the channel that went away are the broker's again.
+            reopened.add(self._forget_unsettled)
+
+    def _forget_unsettled(self, *_: object) -> None:
+        self.unsettled = 0
+        self._metrics.unsettled.set(0)
 
     @property
     def in_flight(self) -> int:
@@ -181,30 +202,100 @@ class Consumer:
             # The channel went away (broker restart, connection loss) between the commit and the
             # ack: the message comes back, and the stored run turns it into a duplicate ack.
             log.warning("request.settle_failed", error=repr(exc)[:200])
+            if not self._consume_channel.is_closed:
+                # Not redelivered until this channel closes: say so at /readyz.
+                self.unsettled += 1
+                self._metrics.unsettled.set(self.unsettled)
 
     async def _settle(self, message: AbstractIncomingMessage, decision: Decision) -> None:
+        if isinstance(decision, DeadLetter | Delay):
+            try:
+                await self._publish_copy(message, decision)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - whatever stops the copy, the original moves
+                kind = "dead_letter" if isinstance(decision, DeadLetter) else "delay"
+                self._metrics.settle_fallbacks.labels(decision=kind).inc()
+                log.error(
+                    "request.copy_failed",
+                    decision=kind,
+                    reason=decision.reason,
+                    error=repr(exc)[:300],
+                )
+                await message.reject(requeue=False)
+                if isinstance(decision, DeadLetter):
+                    self._metrics.dead_letters.labels(reason=decision.reason).inc()
+                    await self._reply_quietly(message, decision.reply)
+                return
+            if isinstance(decision, DeadLetter):
+                self._metrics.dead_letters.labels(reason=decision.reason).inc()
+                log.warning(
+                    "request.dead_lettered",
+                    reason=decision.reason,
+                    rule=decision.rule,
+                    detail=decision.detail,
+                )
+        if isinstance(decision, Ack | DeadLetter) and decision.reply is not None:
+            try:
+                await self._reply(message, decision.reply)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - redelivery sends the reply again
+                log.warning("request.reply_failed", error=repr(exc)[:300])
+                await message.reject(requeue=True)
+                return
+        await message.ack()
+
+    async def _publish_copy(
+        self, message: AbstractIncomingMessage, decision: DeadLetter | Delay
+    ) -> None:
         if isinstance(decision, DeadLetter):
-            self._metrics.dead_letters.labels(reason=decision.reason).inc()
+            extra: dict[str, object] = {
+                REASON_HEADER: decision.reason,
+                DETAIL_HEADER: decision.detail[:1000],
+            }
+            if decision.rule is not None:
+                extra[RULE_HEADER] = decision.rule
             await self._republish(
                 message,
                 DEAD_LETTER_EXCHANGE,
                 routing_key=message.routing_key or "",
-                extra_headers={
-                    REASON_HEADER: decision.reason,
-                    DETAIL_HEADER: decision.detail[:1000],
-                },
+                extra_headers=extra,
             )
-            log.warning("request.dead_lettered", reason=decision.reason, detail=decision.detail)
-        elif isinstance(decision, Delay):
+        else:
             await self._republish(
                 message,
                 "",
                 routing_key=delay_queue_name(decision.delay_s),
-                extra_headers={ATTEMPT_HEADER: decision.attempt},
+                extra_headers={ATTEMPT_HEADER: amqp_codec.Int64(decision.attempt)},
             )
-        else:
-            assert isinstance(decision, Ack)
-        await message.ack()
+
+    async def _reply(self, message: AbstractIncomingMessage, reply: Reply) -> None:
+        if not message.reply_to:
+            return
+        await self._publish_channel.default_exchange.publish(
+            aio_pika.Message(
+                reply.body,
+                content_type="application/json",
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                message_id=str(reply.event_id),
+                correlation_id=message.correlation_id,
+                type=reply.event_type,
+                timestamp=datetime.now(UTC),
+            ),
+            routing_key=message.reply_to,
+        )
+        self._metrics.replies.labels(outcome=reply.event_type).inc()
+
+    async def _reply_quietly(self, message: AbstractIncomingMessage, reply: Reply | None) -> None:
+        if reply is None:
+            return
+        try:
+            await self._reply(message, reply)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the original is settled already
+            log.warning("request.reply_failed", error=repr(exc)[:300])
 
     async def _republish(
         self,
@@ -217,6 +308,9 @@ class Consumer:
         headers: dict[str, Any] = dict(message.headers or {})
         headers.update(extra_headers)
         copy = republished_copy(message, headers)
+        size = len(amqp_codec.encode_table(copy.headers))
+        if size > _MAX_HEADER_BYTES:
+            raise ValueError(f"headers of {size} bytes would not fit one AMQP frame")
         exchange = (
             self._publish_channel.default_exchange
             if exchange_name == ""

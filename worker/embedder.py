@@ -35,8 +35,9 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 from prometheus_client import Counter, Histogram
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
+from contracts import wire
 from contracts.events import EMBEDDING_REQUESTED, EmbeddingRequested
 from contracts.topology import DETAIL_HEADER, REASON_HEADER
 from db.pool import create_pool, database_url
@@ -58,6 +59,7 @@ from worker.topology import (
 )
 
 log = structlog.get_logger(__name__)
+_EVENT = TypeAdapter(EmbeddingRequested)
 
 EMBEDDINGS_QUEUE = "eglo.embeddings"
 EMBEDDINGS_DLQ = "eglo.embeddings.dlq"
@@ -439,7 +441,7 @@ class EmbedderService:
         by_run: dict[uuid.UUID, list[AbstractIncomingMessage]] = {}
         for message in batch:
             try:
-                event = EmbeddingRequested.model_validate(orjson.loads(message.body))
+                event = wire.validate(_EVENT, wire.loads(message.body))
             except orjson.JSONDecodeError as exc:
                 await self._dead_letter(message, channel, em, "invalid_json", str(exc))
                 continue

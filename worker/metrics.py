@@ -23,6 +23,25 @@ class Metrics:
             ["request_type", "outcome"],
             registry=r,
         )
+        self.settle_fallbacks = Counter(
+            "eglo_settle_fallbacks",
+            "Deliveries whose dead-letter or delay copy could not be published: rejected into the "
+            "queue's broker-level dead-letter exchange instead.",
+            ["decision"],
+            registry=r,
+        )
+        self.unsettled = Gauge(
+            "eglo_unsettled_deliveries",
+            "Deliveries that could be neither acked nor rejected on a channel still open; "
+            "/readyz fails while this is above 0.",
+            registry=r,
+        )
+        self.replies = Counter(
+            "eglo_replies",
+            "Replies sent to a request's reply_to by the consumer (dead letters, duplicates).",
+            ["outcome"],
+            registry=r,
+        )
         self.dead_letters = Counter(
             "eglo_dead_letters",
             "Messages sent to the dead-letter queue, by reason.",

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from datetime import UTC, datetime
 from typing import Any, cast
 
 import aio_pika
 import aiormq
 import asyncpg
+import orjson
 import structlog
 from aio_pika.abc import AbstractChannel
 
@@ -139,12 +141,14 @@ class OutboxRelay:
                 "messaging.message.id": str(row["event_id"]),
             },
         ):
+            message_id, message_type = _identity(row)
             properties = aiormq.spec.Basic.Properties(
                 content_type="application/json",
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT.value,
-                message_id=str(row["event_id"]),
+                message_id=message_id,
                 correlation_id=row["correlation_id"],
-                message_type=_event_type(row),
+                message_type=message_type,
+                timestamp=datetime.now(UTC),
                 headers=tracing.inject() or None,
             )
             # A nack raises DeliveryError; an event nobody has subscribed to is dropped, as an
@@ -161,3 +165,12 @@ class OutboxRelay:
 def _event_type(row: Any) -> str:
     # Replies go to the default exchange under the reply queue's name; the type is in the body.
     return str(row["routing_key"]) if row["exchange"] else "reply"
+
+
+def _identity(row: Any) -> tuple[str, str]:
+    """message_id and type: the event's id and type. A reply is a copy of the outcome event under
+    an outbox id of its own (event ids are unique there), so its identity is read from its body."""
+    if row["exchange"]:
+        return str(row["event_id"]), str(row["routing_key"])
+    body = orjson.loads(row["body"])
+    return str(body["event_id"]), str(body["event_type"])

@@ -21,16 +21,17 @@ from opentelemetry import trace
 
 from contracts.requests import AnyRequest, ForecastRequest, request_fingerprint
 from contracts.topology import ATTEMPT_HEADER, REPLAYED_HEADER
+from contracts.vocabulary import DeadLetterReason
 from worker import tracing
 from worker.anomalies import Anomaly, detect_run_anomalies
 from worker.datasets import DatasetError, dataset_ref_of
-from worker.intake import Rejection, parse_request
+from worker.intake import Rejection, identify, parse_request
 from worker.metrics import Metrics
 from worker.qnn import QnnClient, QnnRejected, QnnUnavailable
-from worker.records import RunRecord
+from worker.records import Reply, RunRecord, dead_letter_reply
 from worker.result_checks import InvalidResult, check_result
 from worker.settings import Settings
-from worker.store import RunStore, SaveResult
+from worker.store import RunStore, SaveResult, StoredRun
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -56,6 +57,8 @@ class Delivery:
     timestamp: datetime | None = None
     reply_to: str | None = None
     correlation_id: str | None = None
+    # The key the producer published with (a delay tier's copy carries it in a header).
+    routing_key: str | None = None
 
     @property
     def replayed(self) -> bool:
@@ -72,12 +75,16 @@ class Delivery:
 @dataclass(frozen=True, slots=True)
 class Ack:
     outcome: str  # completed | failed | expired | duplicate
+    # Sent to reply_to before the ack; a stored run's reply leaves through the outbox instead.
+    reply: Reply | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
-    reason: str
+    reason: DeadLetterReason
     detail: str
+    rule: str | None = None
+    reply: Reply | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,11 +119,16 @@ class Pipeline:
     async def handle(self, delivery: Delivery) -> Decision:
         started = time.perf_counter()
         parsed = parse_request(
-            delivery.body, delivery.content_type, max_bytes=self._settings.max_body_bytes
+            delivery.body,
+            delivery.content_type,
+            max_bytes=self._settings.max_body_bytes,
+            routing_key=delivery.routing_key,
         )
         if isinstance(parsed, Rejection):
-            log.warning("request.rejected", reason=parsed.reason, detail=parsed.detail)
-            decision: Decision = DeadLetter(parsed.reason, parsed.detail)
+            log.warning(
+                "request.rejected", reason=parsed.reason, detail=parsed.detail, rule=parsed.rule
+            )
+            decision: Decision = _dead_letter(delivery, parsed.reason, parsed.detail, parsed.rule)
             request_type = "unknown"  # nothing about an unparseable message can be trusted
         else:
             structlog.contextvars.bind_contextvars(
@@ -149,7 +161,7 @@ class Pipeline:
                 and stored.status == "failed"
                 and stored.fingerprint == fingerprint
             ):
-                return self._already_stored(stored.fingerprint == fingerprint, stored.run_id)
+                return await self._already_stored(stored, fingerprint, delivery)
             rerun = {"run_id": uuid.UUID(stored.run_id), "replaces_failed": True}
 
         def record(**fields: Any) -> RunRecord:
@@ -170,20 +182,22 @@ class Pipeline:
                     status="expired",
                     error_code="deadline_passed",
                     error_message=f"deadline {request.deadline.isoformat()} had passed",
-                )
+                ),
+                delivery,
             )
         if self._datasets is not None and dataset_ref_of(request) is not None:
             try:
                 request = await self._with_db_retry(self._datasets, request)
             except DatasetError as exc:
                 return await self._save(
-                    record(status="failed", error_code="dataset_not_found", error_message=str(exc))
+                    record(status="failed", error_code="dataset_not_found", error_message=str(exc)),
+                    delivery,
                 )
         try:
             answer = await self._qnn.predict(request)
         except QnnRejected as exc:
             return await self._save(
-                record(status="failed", error_code=exc.code, error_message=str(exc))
+                record(status="failed", error_code=exc.code, error_message=str(exc)), delivery
             )
         except QnnUnavailable as exc:
             tiers = self._settings.retry_delays_s
@@ -196,7 +210,7 @@ class Pipeline:
                 )
                 return Delay(delivery.attempt + 1, tiers[delivery.attempt], exc.code)
             decision = await self._save(
-                record(status="failed", error_code=exc.code, error_message=str(exc))
+                record(status="failed", error_code=exc.code, error_message=str(exc)), delivery
             )
             # Stored as failed (and announced) above; the message itself is kept for replay.
             return (
@@ -213,7 +227,8 @@ class Pipeline:
                     error_message=str(exc),
                     call_attempts=answer.call_attempts,
                     round_trip_ms=answer.round_trip_ms,
-                )
+                ),
+                delivery,
             )
         anomalies = self._baselines.detect(request, result, answer.round_trip_ms, metadata.cost_usd)
         decision = await self._save(
@@ -224,7 +239,8 @@ class Pipeline:
                 call_attempts=answer.call_attempts,
                 round_trip_ms=answer.round_trip_ms,
                 anomalies=tuple(anomalies),
-            )
+            ),
+            delivery,
         )
         if isinstance(decision, Ack) and decision.outcome == "completed":
             if metadata.cost_usd:
@@ -239,7 +255,7 @@ class Pipeline:
                 ).inc()
         return decision
 
-    async def _save(self, record: RunRecord) -> Decision:
+    async def _save(self, record: RunRecord, delivery: Delivery) -> Decision:
         with tracing.span(
             "db save run",
             kind=tracing.SpanKind.CLIENT,
@@ -253,14 +269,27 @@ class Pipeline:
         if result is SaveResult.INSERTED:
             log.debug("run.stored", run_id=str(record.run_id), status=record.status)
             return Ack(record.status)
-        return self._already_stored(result is SaveResult.DUPLICATE, None)
+        # A twin was stored meanwhile (another worker, or the same batch).
+        stored = await self._with_db_retry(self._store.find, record.request.request_id)
+        assert stored is not None, "a conflicting save means a stored run"
+        return await self._already_stored(stored, record.fingerprint, delivery)
 
-    def _already_stored(self, same_payload: bool, run_id: str | None) -> Decision:
-        if same_payload:
-            log.info("request.duplicate", run_id=run_id)
-            return Ack("duplicate")
-        return DeadLetter(
-            "request_id_conflict", "request_id was already used for a different request"
+    async def _already_stored(
+        self, stored: StoredRun, fingerprint: str, delivery: Delivery
+    ) -> Decision:
+        """A duplicate is acked and answered with the stored run's outcome; a reused request_id
+        with another payload is dead-lettered."""
+        if stored.fingerprint == fingerprint:
+            log.info("request.duplicate", run_id=stored.run_id)
+            reply = None
+            if delivery.reply_to:
+                reply = await self._with_db_retry(self._store.outcome_reply, stored)
+            return Ack("duplicate", reply)
+        return _dead_letter(
+            delivery,
+            "request_id_conflict",
+            "request_id was already used for a different request",
+            None,
         )
 
     async def _with_db_retry(self, op: Callable[..., Awaitable[T]], *args: Any) -> T:
@@ -311,6 +340,23 @@ class OperationalBaselines:
         if cost_usd is not None:
             costs.append(cost_usd)
         return found
+
+
+def _dead_letter(
+    delivery: Delivery, reason: DeadLetterReason, detail: str, rule: str | None
+) -> DeadLetter:
+    reply = None
+    if delivery.reply_to:
+        request_id, request_type = identify(delivery.body)
+        reply = dead_letter_reply(
+            delivery.body,
+            reason=reason,
+            detail=detail,
+            rule=rule,
+            request_id=request_id,
+            request_type=request_type,
+        )
+    return DeadLetter(reason, detail, rule, reply)
 
 
 def _outcome(decision: Decision) -> str:

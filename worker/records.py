@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -11,6 +12,7 @@ from contracts.events import (
     EMBEDDING_REQUESTED,
     AnomalyDetected,
     EmbeddingRequested,
+    RequestDeadLettered,
     RunOutcome,
     RunStatus,
     anomaly_routing_key,
@@ -18,6 +20,7 @@ from contracts.events import (
 )
 from contracts.requests import AnyRequest
 from contracts.results import ExecutionMetadata
+from contracts.vocabulary import DeadLetterReason
 from worker import tracing
 from worker.anomalies import Anomaly
 from worker.topology import EVENTS_EXCHANGE
@@ -31,6 +34,53 @@ class OutboxEvent:
     body: bytes
     correlation_id: str | None = None
     headers: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A message for a request's `reply_to` queue, sent by the consumer before it settles."""
+
+    event_id: uuid.UUID
+    event_type: str
+    body: bytes
+
+
+def outcome_reply(outcome: RunOutcome) -> Reply:
+    return Reply(outcome.event_id, outcome.event_type, _dump(outcome))
+
+
+_DEAD_LETTER_NAMESPACE = uuid.UUID("6f0c1d52-52b5-4a8e-9d0e-0c6f2f1c4e11")
+
+
+def dead_letter_reply(
+    body: bytes,
+    *,
+    reason: DeadLetterReason,
+    detail: str,
+    rule: str | None,
+    request_id: str | None,
+    request_type: str | None,
+) -> Reply:
+    """The reply to a dead-lettered request; its id is derived from the body and the reason, so a
+    redelivered request gets the same reply id and the client can drop the second one."""
+    event = RequestDeadLettered.model_validate(
+        {
+            "event_id": uuid.uuid5(
+                _DEAD_LETTER_NAMESPACE, f"{reason}:{hashlib.sha256(body).hexdigest()}"
+            ),
+            "occurred_at": datetime.now(UTC),
+            "request_id": request_id,
+            "request_type": request_type,
+            "reason": reason,
+            "rule": rule,
+            "detail": detail,
+        }
+    )
+    return Reply(event.event_id, event.event_type, _dump(event))
+
+
+def outcome_event_id(run_id: uuid.UUID, status: str) -> uuid.UUID:
+    return _event_id(run_id, f"outcome:{status}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +119,7 @@ class RunRecord:
         """The outcome event (and its reply_to copy), plus embedding.requested on completion."""
         req = self.request
         outcome = RunOutcome(
-            event_id=_event_id(self.run_id, f"outcome:{self.status}"),
+            event_id=outcome_event_id(self.run_id, self.status),
             event_type=outcome_routing_key(self.status, req.request_type),
             occurred_at=self.occurred_at,
             run_id=self.run_id,
@@ -157,6 +207,6 @@ def _event_id(run_id: uuid.UUID, kind: str) -> uuid.UUID:
     return uuid.uuid5(run_id, kind)
 
 
-def _dump(event: RunOutcome | EmbeddingRequested | AnomalyDetected) -> bytes:
+def _dump(event: RunOutcome | EmbeddingRequested | AnomalyDetected | RequestDeadLettered) -> bytes:
     # JSON bytes straight from pydantic-core: what orjson made of model_dump, in 60 % of the time.
     return event.__pydantic_serializer__.to_json(event, exclude_none=True)

@@ -43,7 +43,7 @@ def _require(condition: bool, problem: str, problems: list[str]) -> None:
 
 
 def check_forecast(payload: ForecastPayload, raw: dict[str, Any]) -> ForecastResult:
-    result = ForecastResult.model_validate(raw)
+    result = ForecastResult.model_validate(raw, strict=True)
     problems: list[str] = []
     n = payload.horizon_steps
     _require(
@@ -69,7 +69,7 @@ def check_forecast(payload: ForecastPayload, raw: dict[str, Any]) -> ForecastRes
 
 
 def check_storage(payload: StoragePayload, raw: dict[str, Any]) -> StorageResult:
-    result = StorageResult.model_validate(raw)
+    result = StorageResult.model_validate(raw, strict=True)
     problems: list[str] = []
     n = len(payload.price_schedule)
     for name in ("charge_kw", "discharge_kw", "soc_kwh"):
@@ -98,7 +98,7 @@ def check_storage(payload: StoragePayload, raw: dict[str, Any]) -> StorageResult
 
 
 def check_grid_switch(payload: GridSwitchPayload, raw: dict[str, Any]) -> GridSwitchResult:
-    result = GridSwitchResult.model_validate(raw)
+    result = GridSwitchResult.model_validate(raw, strict=True)
     problems: list[str] = []
     n = len(payload.load_forecast)
     capacity = {s.name: s.capacity_kw for s in payload.sources}
@@ -132,7 +132,7 @@ def check_grid_switch(payload: GridSwitchPayload, raw: dict[str, Any]) -> GridSw
 
 
 def check_simulation(request: SimulationRequest, raw: dict[str, Any]) -> SimulationResult:
-    result = SimulationResult.model_validate(raw)
+    result = SimulationResult.model_validate(raw, strict=True)
     scenarios = {s.name: s for s in request.payload.scenarios}
     names = [o.name for o in result.scenarios]
     if sorted(names) != sorted(scenarios):
@@ -166,7 +166,7 @@ def check_result(
 ) -> tuple[dict[str, Any], ExecutionMetadata]:
     """Validate the QNN's answer for this request; returns the normalised result and metadata."""
     try:
-        metadata = ExecutionMetadata.model_validate(raw_metadata)
+        metadata = ExecutionMetadata.model_validate(raw_metadata, strict=True)
         checked: ForecastResult | StorageResult | GridSwitchResult | SimulationResult
         if request.request_type == "forecast":
             checked = check_forecast(request.payload, raw)

@@ -20,8 +20,10 @@ import asyncpg
 import orjson
 import structlog
 
+from contracts.events import RunOutcome
+from contracts.results import ExecutionMetadata
 from worker.metrics import Metrics
-from worker.records import RunRecord
+from worker.records import Reply, RunRecord, outcome_event_id, outcome_reply
 
 log = structlog.get_logger(__name__)
 
@@ -123,6 +125,22 @@ FROM optimization_runs WHERE request_id = ANY($1::text[])
 """
 
 
+_OUTCOME_BODY = "SELECT body FROM outbox WHERE event_id = $1"
+# After the outbox's retention the outcome is rebuilt from the run (occurred_at: its last update).
+_OUTCOME_ROW = """
+SELECT r.request_id, r.request_type, r.region, r.forecast_date, r.status, r.attempts,
+       r.result_payload::text AS result, r.error_code, r.error_message, r.updated_at,
+       m.model_id, m.device_used, m.n_qubits, m.circuit_depth, m.execution_time_ms,
+       m.quantum_cost_usd
+FROM optimization_runs r
+LEFT JOIN LATERAL (
+    SELECT * FROM qnn_execution_metrics WHERE optimization_run_id = r.id
+    ORDER BY created_at DESC LIMIT 1
+) m ON true
+WHERE r.id = $1
+"""
+
+
 def _json(value: object) -> str | None:
     return None if value is None else orjson.dumps(value).decode()
 
@@ -190,6 +208,43 @@ class RunStore:
             for request_id, future in batch:
                 if not future.done():
                     future.set_result(found.get(request_id))
+
+    async def outcome_reply(self, stored: StoredRun) -> Reply:
+        """The stored run's outcome event, as its reply to a re-sent request."""
+        run_id = uuid.UUID(stored.run_id)
+        event_id = outcome_event_id(run_id, stored.status)
+        body = await self._pool.fetchval(_OUTCOME_BODY, event_id)
+        if body is not None:
+            return Reply(event_id, orjson.loads(body)["event_type"], bytes(body))
+        row = await self._pool.fetchrow(_OUTCOME_ROW, run_id)
+        execution = None
+        if row["model_id"] is not None or row["execution_time_ms"] is not None:
+            execution = ExecutionMetadata(
+                model_id=row["model_id"],
+                device=row["device_used"],
+                n_qubits=row["n_qubits"],
+                circuit_depth=row["circuit_depth"],
+                execution_time_ms=row["execution_time_ms"],
+                cost_usd=row["quantum_cost_usd"],
+            )
+        return outcome_reply(
+            RunOutcome(
+                event_id=event_id,
+                event_type=f"run.{row['status']}.{row['request_type']}",
+                occurred_at=row["updated_at"],
+                run_id=run_id,
+                request_id=row["request_id"],
+                request_type=row["request_type"],
+                status=row["status"],
+                region=row["region"],
+                forecast_date=row["forecast_date"],
+                attempts=row["attempts"],
+                result=orjson.loads(row["result"]) if row["result"] else None,
+                execution=execution,
+                error_code=row["error_code"],
+                error_message=row["error_message"],
+            )
+        )
 
     async def save(self, record: RunRecord) -> SaveResult:
         future: asyncio.Future[SaveResult] = asyncio.get_running_loop().create_future()

@@ -19,13 +19,19 @@ from contracts.topology import (
     DEAD_LETTER_QUEUE,
     DELIVERY_LIMIT,
     EVENTS_EXCHANGE,
+    ORIGINAL_EXPIRATION_HEADER,
     ORIGINAL_ROUTING_KEY_HEADER,
+    ORIGINAL_USER_ID_HEADER,
     REPUBLISHED_AT_HEADER,
     REQUESTS_EXCHANGE,
     REQUESTS_QUEUE,
     delay_queue_name,
     request_routing_key,
 )
+from worker import amqp_codec
+
+# Every process that consumes or republishes eglo's messages keeps their headers exact.
+amqp_codec.install()
 
 __all__ = [
     "DEAD_LETTER_EXCHANGE",
@@ -55,22 +61,32 @@ async def ready_messages(connection: AbstractConnection, names: list[str]) -> in
 
 
 def republished_copy(message: AbstractIncomingMessage, headers: dict[str, Any]) -> aio_pika.Message:
-    """A persistent copy of a delivery with these headers, keeping its body and properties.
+    """A persistent copy of a delivery with these headers, keeping its body and every property.
 
-    Used for dead letters, delay tiers and replays, so they keep the producer's ids.
+    Used for dead letters, delay tiers and replays, so they keep the producer's ids. Two properties
+    cannot travel on a copy and move into headers instead, as the broker's own dead-lettering does
+    with `expiration`: a per-message TTL would expire the dead letter or race the delay tier, and
+    the broker refuses a `user_id` other than the publishing connection's user.
     """
     headers.setdefault(ORIGINAL_ROUTING_KEY_HEADER, message.routing_key or "")
     headers[REPUBLISHED_AT_HEADER] = datetime.now(UTC).isoformat()
+    if message.expiration is not None:
+        headers.setdefault(ORIGINAL_EXPIRATION_HEADER, str(message.properties.expiration))
+    if message.user_id is not None:
+        headers.setdefault(ORIGINAL_USER_ID_HEADER, message.user_id)
     return aio_pika.Message(
         message.body,
         headers=headers,
         content_type=message.content_type,
+        content_encoding=message.content_encoding,
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        priority=message.priority,
         message_id=message.message_id,
         correlation_id=message.correlation_id,
         reply_to=message.reply_to,
         timestamp=message.timestamp,
         type=message.type,
+        app_id=message.app_id,
     )
 
 
