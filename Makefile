@@ -27,8 +27,20 @@ demo: install
 	$(BIN)/eglo migrate
 	$(BIN)/eglo demo --count 200
 
-## test: lint, type checks and the whole suite (real broker, real Postgres, real emulator)
-test: $(TEST_STAMP) lint
+## unit: the tests that need no broker, database or emulator (seconds)
+UNIT_TESTS := tests/test_wire.py tests/test_intake.py tests/test_reader.py tests/test_asyncapi.py \
+	tests/test_result_checks.py tests/test_sample.py
+unit: install
+	$(BIN)/python -m pytest -q $(UNIT_TESTS)
+
+# The conformance suite's Node clients and model generator, from their committed lockfiles.
+NODE_STAMPS := tests/node/node_modules/.package-lock.json tests/codegen/node_modules/.package-lock.json
+tests/%/node_modules/.package-lock.json: tests/%/package-lock.json
+	npm ci --prefix tests/$* --no-audit --no-fund
+
+## test: lint, type checks and the whole suite (real broker, real Postgres, real emulator, and
+## Node and Go clients of the published contract: needs node/npm and go on the PATH)
+test: $(TEST_STAMP) $(NODE_STAMPS) lint
 	$(BIN)/python -m pytest -q
 
 ## chaos: the full chaos suite (2,000 requests per scenario); the table goes to .eglo/chaos/table.md

@@ -6,12 +6,12 @@ re-sends the same id, so consumers drop the rare duplicate by remembering ids.
 
 from __future__ import annotations
 
-from typing import Any, Final, Literal
+from typing import Annotated, Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 from contracts.results import ExecutionMetadata
-from contracts.vocabulary import DeadLetterReason, RequestType
+from contracts.vocabulary import DEAD_LETTER_REASONS, DeadLetterReason, RequestType
 from contracts.vocabulary import RunStatus as RunStatus
 from contracts.vocabulary import Severity as Severity
 from contracts.wire import Integer, SchemaVersion, WireDate, WireDateTime, WireUUID
@@ -75,7 +75,18 @@ class RequestDeadLettered(_Message):
         default=None, description="The body's request_id, when it had a readable one."
     )
     request_type: RequestType | None = None
-    reason: DeadLetterReason = Field(description="As in x-eglo-dead-letter-reason.")
+    # A string with examples, not an enum: generated Go maps an unknown enum value to the first
+    # member, and this list grows.
+    reason: Annotated[
+        DeadLetterReason,
+        WithJsonSchema(
+            {
+                "type": "string",
+                "examples": list(DEAD_LETTER_REASONS),
+                "description": "As in x-eglo-dead-letter-reason; new reasons may be added.",
+            }
+        ),
+    ]
     rule: str | None = Field(
         default=None, description="The broken rule's id (request.rules.v1.json), if that is why."
     )

@@ -83,8 +83,12 @@ class ForecastPayload(Contract):
     # Without a dataset_ref, at least MIN_HISTORY inline values: stated in the schema itself.
     model_config = ConfigDict(
         json_schema_extra={
-            "if": {"type": "object", "not": {"type": "object", "required": ["dataset_ref"]}},
-            "then": {
+            "if": {
+                "type": "object",
+                "properties": {"dataset_ref": {"type": "object"}},
+                "required": ["dataset_ref"],
+            },
+            "else": {
                 "type": "object",
                 "required": ["historical_loads"],
                 "properties": {"historical_loads": {"type": "array", "minItems": MIN_HISTORY}},

@@ -77,6 +77,9 @@ RESULT_MODELS: dict[str, type[Result]] = {
 class ExecutionMetadata(Result):
     """What the QNN says it did; every field is optional because the API does not promise them."""
 
+    # Read from the QNN ignoring extras, but what eglo publishes has exactly these fields.
+    model_config = ConfigDict(json_schema_extra={"additionalProperties": False})
+
     model_id: str | None = Field(default=None, validation_alias=AliasChoices("model_id", "model"))
     device: str | None = Field(
         default=None, validation_alias=AliasChoices("device", "device_used", "backend")

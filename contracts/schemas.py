@@ -59,13 +59,25 @@ class PublishedSchema(GenerateJsonSchema):
         return json_schema
 
 
+class OutboundSchema(PublishedSchema):
+    """What eglo sends: an optional scalar is written `type: [T, "null"]`, so that generated Go
+    and TypeScript keep a real 0 or "" apart from an absent field (eglo leaves absent ones out)."""
+
+    def nullable_schema(self, schema: core_schema.NullableSchema) -> JsonSchemaValue:
+        inner = self.generate_inner(schema["schema"])
+        if inner.get("type") in ("number", "integer", "string", "boolean"):
+            inner["type"] = [inner["type"], "null"]
+        return inner
+
+
 def render_schemas() -> dict[str, str]:
     """File name → JSON Schema text, deterministic so a freshness test can compare."""
     out = {}
     for name, adapter in SCHEMAS.items():
         # Results are read leniently (by alias) but documented by their canonical names.
         mode = "serialization" if name.startswith(("result.", "execution")) else "validation"
-        schema = adapter.json_schema(mode=mode, schema_generator=PublishedSchema)
+        generator = PublishedSchema if name.startswith("request.") else OutboundSchema
+        schema = adapter.json_schema(mode=mode, schema_generator=generator)
         schema["$id"] = f"https://eglo.dev/schemas/{name}.json"
         schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
         out[f"{name}.json"] = _text(schema)

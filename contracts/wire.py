@@ -15,7 +15,7 @@ from datetime import date, datetime
 from typing import Annotated, Any, Final, Literal, TypeVar
 
 import orjson
-from pydantic import BeforeValidator, Field, TypeAdapter, ValidationInfo
+from pydantic import BeforeValidator, Field, TypeAdapter, ValidationInfo, WithJsonSchema
 
 T = TypeVar("T")
 WIRE: Final = {"wire": True}
@@ -72,7 +72,12 @@ def _uuid(value: Any) -> Any:
 
 
 Integer = Annotated[int, BeforeValidator(_integral)]
-SchemaVersion = Annotated[Literal[1], BeforeValidator(_integral)]
+# Published as a bounded integer, not `const`: TypeScript generators drop an integer const.
+SchemaVersion = Annotated[
+    Literal[1],
+    BeforeValidator(_integral),
+    WithJsonSchema({"type": "integer", "minimum": 1, "maximum": 1, "default": 1}),
+]
 Resolution = Annotated[Literal[15, 30, 60], BeforeValidator(_integral)]
 WireDate = Annotated[date, BeforeValidator(_date)]
 WireDateTime = Annotated[

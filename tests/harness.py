@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -119,3 +120,10 @@ def metric(
     """Sum of every sample of `name` whose labels include `labels`."""
     wanted = set(labels.items())
     return sum(v for (n, ls), v in samples.items() if n == name and wanted <= ls)
+
+
+def save_figures(name: str, figures: Any) -> None:
+    """A conformance run's figures, kept in .eglo/conformance/<name>.json for the record."""
+    out = Path(__file__).resolve().parents[1] / ".eglo" / "conformance"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(orjson.dumps(figures, option=orjson.OPT_INDENT_2).decode())

@@ -34,7 +34,7 @@ from hypothesis_jsonschema import from_schema
 from contracts import wire
 from contracts.rules import RULES
 from tests.conftest import make_settings
-from tests.harness import running_worker
+from tests.harness import running_worker, save_figures
 from worker import topology
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -310,8 +310,6 @@ async def test_what_the_schema_accepts_the_worker_accepts(
     assert {r["request_id"] for r in stored} == {valid[c]["request_id"] for c in accepted}
     assert all(r["n"] == 1 for r in stored)
 
-    out = ROOT / ".eglo/conformance"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "schema.json").write_text(json.dumps(figures, indent=2, sort_keys=True))
+    save_figures("schema", figures)
     assert not problems, "\n".join(problems[:20])
     assert sum(figures["accepted"].values()) > 0 and figures["mutants"]
