@@ -1,5 +1,6 @@
 # One image for every eglo process: `eglo worker` (default), `eglo embedder`, `eglo migrate`,
 # `eglo emulator`. Build from the repository root:  docker build -t eglo:dev .
+# With podman or buildah add --format docker: the default OCI format drops HEALTHCHECK.
 
 ARG PYTHON_IMAGE=python:3.11-slim
 
