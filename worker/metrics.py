@@ -158,3 +158,9 @@ class Metrics:
             "1 while /readyz answers 200, 0 while it answers 503; evaluated at each scrape.",
             registry=r,
         )
+        # A labelled counter's first increment is invisible to increase() unless the series
+        # existed before it: alerts on these must see the very first one.
+        for operation in ("write_runs", "outbox_relay", "retry", "embed_batch"):
+            self.db_errors.labels(operation=operation)
+        for decision in ("dead_letter", "delay"):
+            self.settle_fallbacks.labels(decision=decision)
