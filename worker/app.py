@@ -191,7 +191,7 @@ class Worker:
                         task.cancel()
                     relay.stop()
                     try:
-                        await asyncio.wait_for(relay_task, timeout=10.0)
+                        await asyncio.wait_for(relay_task, settings.outbox_flush_timeout_s)
                     except Exception as exc:  # noqa: BLE001 - unsent events stay in the outbox
                         log.warning("outbox.flush.incomplete", error=repr(exc)[:200])
                     await asyncio.gather(*background, return_exceptions=True)

@@ -188,6 +188,7 @@ class Consumer:
             raise
         except Exception:
             log.exception("request.unexpected_error", redelivered=message.redelivered)
+            self._metrics.unexpected_errors.inc()
             await asyncio.sleep(1.0)  # do not spin on a message that fails every time
             await self._settle_quietly(message.reject(requeue=True))
             return
