@@ -79,7 +79,8 @@ def explain(exc: BaseException, url: str, *, server: str, setting: str) -> TlsEr
             hint = f"the certificate does not name {parts.hostname} in its subjectAltName"
         else:
             hint = f"it is not signed by a CA in {setting}_CA_FILE ({ca})"
-        message = f"the server's certificate was refused: {ssl_error.verify_message}; {hint}"
+        detail = str(ssl_error.verify_message).rstrip(".")
+        message = f"the server's certificate was refused: {detail}; {hint}"
     elif "CERTIFICATE_VERIFY_FAILED" in upper:
         detail = text.split("certificate verify failed: ", 1)[-1].split(" (_ssl.c", 1)[0]
         message = (

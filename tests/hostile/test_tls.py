@@ -23,7 +23,8 @@ import asyncpg
 import orjson
 import pytest
 
-from db.pool import create_pool, database_url
+from db.pool import create_pool
+from db.pool import database_url as db_url_for
 from producers.publisher import Publisher
 from producers.reader import parse_request
 from producers.sample import generate_requests
@@ -151,7 +152,7 @@ async def test_worker_end_to_end_over_amqps_and_verify_full(
     """Requests published over amqps:// are processed and stored over verify-full TLS."""
     settings = tls_settings(tls_node, pg_tls, certs.good, emulator)
     assert settings.amqp_url.get_secret_value().startswith("amqps://")
-    assert "sslmode=verify-full" in database_url(settings)
+    assert "sslmode=verify-full" in db_url_for(settings)
     sessions_before = pg_tls.tls_sessions
     started = time.monotonic()
     async with running_worker(settings):
@@ -225,14 +226,34 @@ async def test_wrong_ca_for_postgres_is_refused(
     assert f"not signed by a CA in EGLO_DATABASE_CA_FILE ({certs.wrong.ca})" in message
     record(
         Row(
-            attack="TLS: wrong CA for Postgres (sslmode=verify-full, EGLO_DATABASE_CA_FILE from "
-            "another CA)",
+            attack="TLS: wrong CA for the database (verify-full, EGLO_DATABASE_CA_FILE from "
+            "another CA; pgvector database behind the test's TLS terminator)",
             eglo_did="refused to start: " + certs.shown(message),
             peak_rss_mb=None,
             lost=0,
             dead_lettered=0,
             ready_again_s=None,
         )
+    )
+
+
+async def test_host_not_in_the_certificate_is_refused(
+    certs: Certs, tls_node: TlsNode, database_url: str, emulator: str
+) -> None:
+    """verify-full checks the name: the server's certificate names 127.0.0.1 and localhost, so the
+    same server reached as 127.0.0.2 is refused."""
+    other_address = PgTlsTerminator(certs.good, database_url, host="127.0.0.2")
+    await other_address.start()
+    try:
+        settings = tls_settings(tls_node, other_address, certs.good, emulator)
+        with pytest.raises(TlsError) as refused:
+            await create_pool(db_url_for(settings), size=1)
+    finally:
+        await other_address.close()
+    assert str(refused.value) == (
+        f"TLS to Postgres at 127.0.0.2:{other_address.port} failed: the server's certificate was "
+        "refused: IP address mismatch, certificate is not valid for '127.0.0.2'; the certificate "
+        "does not name 127.0.0.2 in its subjectAltName"
     )
 
 
@@ -298,7 +319,7 @@ async def test_real_postgres_verify_full_with_client_certificate(
         values.update(files)
         return Settings(**values)
 
-    pool = await create_pool(database_url(settings()), size=1)
+    pool = await create_pool(db_url_for(settings()), size=1)
     try:
         row = await pool.fetchrow(
             "SELECT ssl, current_user AS who FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
@@ -308,7 +329,7 @@ async def test_real_postgres_verify_full_with_client_certificate(
     assert row is not None and row["ssl"] is True and row["who"] == PG_CERT_USER
 
     with pytest.raises(TlsError) as wrong_ca:
-        await create_pool(database_url(settings(database_ca_file=certs.wrong.ca)), size=1)
+        await create_pool(db_url_for(settings(database_ca_file=certs.wrong.ca)), size=1)
     assert str(wrong_ca.value).startswith(
         f"TLS to Postgres at 127.0.0.1:{real_postgres.port} failed: the server's certificate "
         "was refused: self-signed certificate in certificate chain; it is not signed by a CA in "
@@ -317,7 +338,7 @@ async def test_real_postgres_verify_full_with_client_certificate(
 
     with pytest.raises(TlsError) as no_cert:
         await create_pool(
-            database_url(settings(database_cert_file=None, database_key_file=None)), size=1
+            db_url_for(settings(database_cert_file=None, database_key_file=None)), size=1
         )
     assert str(no_cert.value) == (
         f"TLS to Postgres at 127.0.0.1:{real_postgres.port} failed: Postgres requires a client "

