@@ -19,8 +19,12 @@ from aio_pika.abc import AbstractRobustConnection
 from worker.settings import Settings
 
 
-class TlsError(ConnectionError):
-    """A TLS handshake with the broker or the database failed; the message says why."""
+class TlsError(Exception):
+    """A TLS handshake with the broker or the database failed; the message says why.
+
+    Not a ConnectionError on purpose: it is a configuration problem (CA, certificate, host name),
+    so a loop that retries lost connections should let it through rather than retry it quietly.
+    """
 
 
 def amqp_url(settings: Settings) -> str:
