@@ -140,3 +140,11 @@ def test_explain_names_the_server_and_the_setting() -> None:
         )
         is None
     )
+
+
+def test_explain_fills_in_the_default_port() -> None:
+    error = ssl.SSLError(1, "[SSL: WRONG_VERSION_NUMBER] wrong version number")
+    assert str(explain(error, "amqps://g:g@rabbit/", server="the broker", setting="EGLO_AMQP")) == (
+        "TLS to the broker at rabbit:5671 failed: the server did not answer in TLS: is this its "
+        "TLS port?"
+    )

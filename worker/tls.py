@@ -118,7 +118,8 @@ def explain(exc: BaseException, url: str, *, server: str, setting: str) -> TlsEr
             )
     else:
         return None
-    return TlsError(f"TLS to {server} at {parts.hostname}:{parts.port} failed: {message}")
+    port = parts.port or _DEFAULT_PORTS.get(parts.scheme.lower(), 5432)
+    return TlsError(f"TLS to {server} at {parts.hostname}:{port} failed: {message}")
 
 
 def _uses_tls(url: str) -> bool:
@@ -126,6 +127,8 @@ def _uses_tls(url: str) -> bool:
         return True
     return _query(url).get("sslmode") in ("require", "verify-ca", "verify-full")
 
+
+_DEFAULT_PORTS = {"amqps": 5671, "amqp": 5672}  # and 5432 for Postgres
 
 _URL_KEYS = {  # the URL's CA and certificate parameters, and where the CA comes from without one
     "EGLO_AMQP": ("cafile", "certfile", "the system's trust store"),

@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import orjson
@@ -28,6 +29,7 @@ from db.pool import database_url as db_url_for
 from producers.publisher import Publisher
 from producers.reader import parse_request
 from producers.sample import generate_requests
+from tests import infra
 from tests.conftest import make_settings
 from tests.harness import events_sent, running_worker, wait_for
 from tests.hostile.rows import Row, record
@@ -394,3 +396,17 @@ async def test_eglo_worker_command_logs_the_refusal_and_exits_1(
         "refused: "
     )
     assert b"Traceback" not in stderr
+
+
+async def test_amqps_to_a_plain_amqp_port_says_so(broker: infra.Broker | None) -> None:
+    """amqps:// pointed at 5672 (the broker answers in plain AMQP): the error names the port."""
+    plain = broker.base_url if broker is not None else os.environ["EGLO_AMQP_URL"]
+    parts = urlsplit(plain)
+    if parts.scheme != "amqp" or parts.port is None:
+        pytest.skip("the session's broker URL is not plain amqp:// with a port")
+    with pytest.raises(TlsError) as refused:
+        await connect_broker(urlunsplit(parts._replace(scheme="amqps")), name="eglo-test")
+    assert str(refused.value) == (
+        f"TLS to the broker at {parts.hostname}:{parts.port} failed: the server did not answer "
+        "in TLS: is this its TLS port?"
+    )
