@@ -11,6 +11,7 @@ from __future__ import annotations
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import aio_pika
@@ -55,10 +56,13 @@ def database_tls_url(url: str, settings: Settings) -> str:
     return _with_query(url, extra)
 
 
-async def connect_broker(url: str, *, name: str) -> AbstractRobustConnection:
-    """aio-pika's robust connection; a failed TLS handshake raises TlsError."""
+async def connect_broker(url: str, *, name: str, **kwargs: Any) -> AbstractRobustConnection:
+    """aio-pika's robust connection (kwargs go to connect_robust, e.g. reconnect_interval); a
+    failed TLS handshake raises TlsError."""
     try:
-        return await aio_pika.connect_robust(url, client_properties={"connection_name": name})
+        return await aio_pika.connect_robust(
+            url, client_properties={"connection_name": name}, **kwargs
+        )
     except Exception as exc:
         if (error := explain(exc, url, server="the broker", setting="EGLO_AMQP")) is not None:
             raise error from exc
