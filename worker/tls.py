@@ -60,9 +60,10 @@ async def connect_broker(url: str, *, name: str, **kwargs: Any) -> AbstractRobus
     """aio-pika's robust connection (kwargs go to connect_robust, e.g. reconnect_interval); a
     failed TLS handshake raises TlsError."""
     try:
-        return await aio_pika.connect_robust(
+        connection: AbstractRobustConnection = await aio_pika.connect_robust(
             url, client_properties={"connection_name": name}, **kwargs
         )
+        return connection
     except Exception as exc:
         if (error := explain(exc, url, server="the broker", setting="EGLO_AMQP")) is not None:
             raise error from exc
