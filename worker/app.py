@@ -14,14 +14,13 @@ import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import aio_pika
 import aiormq
 import asyncpg
 import structlog
 from aio_pika.abc import AbstractRobustConnection
 
 from db.pool import create_pool, database_url
-from worker import http, topology
+from worker import http, tls, topology
 from worker.breaker import CircuitBreaker, State
 from worker.consumer import Consumer
 from worker.datasets import resolve_request
@@ -55,10 +54,7 @@ async def open_resources(settings: Settings) -> AsyncIterator[Resources]:
     aiormq.Connection.FRAME_BUFFER_SIZE = AMQP_FRAME_BUFFER
     pool = await create_pool(database_url(settings), size=settings.db_pool_size)
     try:
-        connection = await aio_pika.connect_robust(
-            settings.amqp_url.get_secret_value(),
-            client_properties={"connection_name": "eglo-worker"},
-        )
+        connection = await tls.connect_broker(tls.amqp_url(settings), name="eglo-worker")
         try:
             yield Resources(pool, connection)
         finally:

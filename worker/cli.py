@@ -74,6 +74,7 @@ async def _publish(settings: Settings, args: argparse.Namespace) -> int:
 
     from producers.publisher import Publisher
     from producers.reader import read_requests
+    from worker.tls import amqp_url
 
     stream = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")  # noqa: SIM115, ASYNC230 - read lazily, a line at a time
     bad = 0
@@ -88,7 +89,7 @@ async def _publish(settings: Settings, args: argparse.Namespace) -> int:
                     bad += 1
                     bar.write(f"skipped {item.error}", file=sys.stderr)
 
-        async with Publisher.connect(settings.amqp_url.get_secret_value()) as publisher:
+        async with Publisher.connect(amqp_url(settings)) as publisher:
             report = await publisher.publish_many(
                 good_requests(), rate=args.rate, on_done=lambda: bar.update()
             )
@@ -491,8 +492,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from worker.tls import TlsError
+
     args = build_parser().parse_args(argv)
-    code: int = args.func(args)
+    try:
+        code: int = args.func(args)
+    except TlsError as exc:  # a configuration problem: its message says what to fix
+        import structlog
+
+        structlog.get_logger("eglo").error("tls.refused", command=args.command, error=str(exc))
+        return 1
     return code
 
 

@@ -16,13 +16,14 @@ from worker.processes import free_port, spawn, stop, wait_http_ok
 from worker.report import format_summary, summary
 from worker.settings import Settings
 from worker.similarity import format_similar, similar_runs
+from worker.tls import amqp_url
 
 
 async def _publish_and_wait(
     settings: Settings, db_url: str, prefix: str, count: int, within_s: float
 ) -> str:
     requests = [parse_request(r) for r in generate_requests(count, seed=7, id_prefix=prefix)]
-    async with Publisher.connect(settings.amqp_url.get_secret_value()) as publisher:
+    async with Publisher.connect(amqp_url(settings)) as publisher:
         report = await publisher.publish_many(requests)
     print(f"published {len(report.confirmed)} requests (confirmed by the broker)")
     conn = await create_pool(db_url, size=2)

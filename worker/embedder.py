@@ -41,7 +41,7 @@ from contracts import wire
 from contracts.events import EMBEDDING_REQUESTED, EmbeddingRequested
 from contracts.topology import DETAIL_HEADER, REASON_HEADER
 from db.pool import create_pool, database_url
-from worker import http
+from worker import http, tls
 from worker.embeddings import (
     Embedder,
     EmbeddingRejected,
@@ -203,10 +203,7 @@ class _Unsettled(Exception):
 async def _open(settings: Settings) -> AsyncIterator[tuple[asyncpg.Pool, AbstractRobustConnection]]:
     pool = await create_pool(database_url(settings), size=settings.db_pool_size)
     try:
-        connection = await aio_pika.connect_robust(
-            settings.amqp_url.get_secret_value(),
-            client_properties={"connection_name": "eglo-embedder"},
-        )
+        connection = await tls.connect_broker(tls.amqp_url(settings), name="eglo-embedder")
         try:
             yield pool, connection
         finally:
