@@ -91,6 +91,15 @@ class Settings(BaseSettings):
     )
     log_level: str = "INFO"
     log_json: bool = True
+    db_check_interval_s: float = Field(
+        default=1.0,
+        gt=0,
+        description="How often the worker and embedder check the database (schema current, "
+        "tables there, privileges held); consumption pauses while the check fails.",
+    )
+    amqp_reconnect_interval_s: float = Field(
+        default=2.0, gt=0, description="Seconds between reconnect attempts to the broker."
+    )
 
     @model_validator(mode="after")
     def _key_from_file(self) -> Settings:
