@@ -11,9 +11,8 @@ import asyncio
 import contextlib
 import functools
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 import aio_pika
 import aiormq
@@ -27,7 +26,7 @@ from worker import http, topology
 from worker.breaker import CircuitBreaker, State
 from worker.consumer import Consumer
 from worker.datasets import resolve_request
-from worker.db_gate import DatabaseGate
+from worker.gates import BrokerWatch, DatabaseGate
 from worker.metrics import Metrics
 from worker.outbox import OutboxRelay
 from worker.pipeline import Pipeline
@@ -69,49 +68,6 @@ async def open_resources(settings: Settings) -> AsyncIterator[Resources]:
             await connection.close()
     finally:
         await pool.close()
-
-
-class BrokerWatch:
-    """Whether the broker connection is really up.
-
-    aio-pika's robust connection keeps `is_closed` False while it reconnects, so that alone made
-    /readyz answer 200 for as long as the broker refused the worker. This follows the
-    connection's close and reconnect callbacks instead (a reconnect is reported once every
-    channel, and so the consumer, has been restored).
-    """
-
-    def __init__(self, connection: AbstractRobustConnection, metrics: Metrics) -> None:
-        self._connection = connection
-        self._metrics = metrics
-        self._up = True
-        self._listeners: list[Callable[[], Coroutine[Any, Any, None]]] = []
-        connection.close_callbacks.add(self._on_close)
-        connection.reconnect_callbacks.add(self._on_reconnect)
-        metrics.broker_connected.set(1)
-
-    def subscribe(self, listener: Callable[[], Coroutine[Any, Any, None]]) -> None:
-        """Called after each reconnect."""
-        self._listeners.append(listener)
-
-    def problem(self) -> str | None:
-        if self._connection.is_closed:
-            return "broker connection closed"
-        if not self._up or not self._connection.connected.is_set():
-            return "broker connection down, reconnecting"
-        return None
-
-    def _on_close(self, _: object, exc: BaseException | None = None) -> None:
-        if self._up:
-            log.warning("broker.connection.lost", error=repr(exc)[:200])
-        self._up = False
-        self._metrics.broker_connected.set(0)
-
-    def _on_reconnect(self, *_: object) -> None:
-        self._up = True
-        self._metrics.broker_connected.set(1)
-        log.info("broker.connection.restored")
-        for listener in self._listeners:
-            asyncio.create_task(listener())  # noqa: RUF006 - listeners are short, own errors
 
 
 class Worker:

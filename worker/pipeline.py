@@ -24,7 +24,7 @@ from contracts.vocabulary import DeadLetterReason
 from worker import tracing
 from worker.anomalies import Anomaly, detect_run_anomalies
 from worker.datasets import DatasetError, dataset_ref_of
-from worker.db_gate import DatabaseGate, is_systemic
+from worker.gates import DatabaseGate, is_systemic
 from worker.intake import Rejection, identify, parse_request
 from worker.metrics import Metrics
 from worker.qnn import QnnClient, QnnRejected, QnnUnavailable

@@ -1,4 +1,7 @@
-"""Whether the database can take a process's work: schema current, tables there, privileges held.
+"""What a worker or embedder needs before it may consume, each with the reason /readyz gives.
+
+DatabaseGate: whether the database can take the work (schema current, tables there, privileges
+held). BrokerWatch: whether the broker connection is up.
 
 A failure that is not about the message (the server unreachable, a table missing, a privilege
 revoked, no connection to be had) closes the gate; the process stops consuming while it is closed
@@ -17,8 +20,10 @@ from typing import Any
 
 import asyncpg
 import structlog
+from aio_pika.abc import AbstractRobustConnection
 
 from db.migrate import schema_problem
+from worker.metrics import Metrics
 
 log = structlog.get_logger(__name__)
 
@@ -170,3 +175,46 @@ class DatabaseGate:
         if (previous is None) != (problem is None):
             for listener in self._listeners:
                 asyncio.create_task(listener())  # noqa: RUF006 - listeners are short, own errors
+
+
+class BrokerWatch:
+    """Whether the broker connection is really up.
+
+    aio-pika's robust connection keeps `is_closed` False while it reconnects, so that alone made
+    /readyz answer 200 for as long as the broker refused the worker. This follows the
+    connection's close and reconnect callbacks instead (a reconnect is reported once every
+    channel, and so the consumer, has been restored).
+    """
+
+    def __init__(self, connection: AbstractRobustConnection, metrics: Metrics) -> None:
+        self._connection = connection
+        self._metrics = metrics
+        self._up = True
+        self._listeners: list[Callable[[], Coroutine[Any, Any, None]]] = []
+        connection.close_callbacks.add(self._on_close)
+        connection.reconnect_callbacks.add(self._on_reconnect)
+        metrics.broker_connected.set(1)
+
+    def subscribe(self, listener: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Called after each reconnect."""
+        self._listeners.append(listener)
+
+    def problem(self) -> str | None:
+        if self._connection.is_closed:
+            return "broker connection closed"
+        if not self._up or not self._connection.connected.is_set():
+            return "broker connection down, reconnecting"
+        return None
+
+    def _on_close(self, _: object, exc: BaseException | None = None) -> None:
+        if self._up:
+            log.warning("broker.connection.lost", error=repr(exc)[:200])
+        self._up = False
+        self._metrics.broker_connected.set(0)
+
+    def _on_reconnect(self, *_: object) -> None:
+        self._up = True
+        self._metrics.broker_connected.set(1)
+        log.info("broker.connection.restored")
+        for listener in self._listeners:
+            asyncio.create_task(listener())  # noqa: RUF006 - listeners are short, own errors
