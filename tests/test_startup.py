@@ -306,3 +306,53 @@ def test_library_log_lines_are_eglo_json_lines() -> None:
     assert "Reconnecting after 5 seconds" in lines[0]["event"]
     assert "hunter2" not in done.stderr
     assert all("timestamp" in x for x in lines)
+
+
+# ---- a failure tied to one message: the dead letter carries a reason ---------------------------
+
+
+class ExplodingPipeline:
+    """A pipeline that fails every message with an unexpected error."""
+
+    async def handle(self, delivery: object) -> object:
+        raise ValueError("a bug this message always trips")
+
+
+async def test_unexpected_error_on_the_last_delivery_is_dead_lettered_with_a_reason(
+    amqp_url: str,
+) -> None:
+    """On the delivery the queue's limit would make its last, the consumer dead-letters the
+    message itself as `unexpected_error` (the broker's own dead letter carries no reason)."""
+    import aio_pika
+
+    from contracts.topology import REASON_HEADER
+    from worker import topology
+    from worker.consumer import Consumer
+    from worker.metrics import Metrics
+
+    connection = await aio_pika.connect_robust(amqp_url)
+    try:
+        channel = await connection.channel()
+        publish_channel = await connection.channel(publisher_confirms=True)
+        topo = await topology.declare(publish_channel)
+        consumer = Consumer(ExplodingPipeline(), channel, publish_channel, Metrics())  # type: ignore[arg-type]
+        # As the quorum queue would present its 20th delivery.
+        await topo.requests_exchange.publish(
+            aio_pika.Message(
+                b"{}",
+                headers={"x-delivery-count": topology.DELIVERY_LIMIT - 1},
+                message_id="exploding-1",
+            ),
+            routing_key="request.forecast",
+        )
+        await consumer.start()
+        dlq = await channel.declare_queue(topology.DEAD_LETTER_QUEUE, passive=True)
+        dead = await wait_for(lambda: dlq.get(fail=False), within_s=10)
+        await dead.ack()
+        await consumer.pause()
+        await consumer.drain(5)
+    finally:
+        await connection.close()
+    assert dead.headers[REASON_HEADER] == "unexpected_error"
+    assert "ValueError" in str(dead.headers["x-eglo-dead-letter-detail"])
+    assert dead.message_id == "exploding-1"

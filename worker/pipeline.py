@@ -359,6 +359,17 @@ def _dead_letter(
     return DeadLetter(reason, detail, rule, reply)
 
 
+def unexpected_failure(delivery: Delivery, exc: BaseException, deliveries: int) -> DeadLetter:
+    """The dead letter for a message that failed with an unexpected error on every one of its
+    deliveries: the queue's limit would dead-letter it anyway, but without a reason."""
+    return _dead_letter(
+        delivery,
+        "unexpected_error",
+        f"failed on {deliveries} deliveries, last with {type(exc).__name__}: {exc}"[:1000],
+        None,
+    )
+
+
 def _outcome(decision: Decision) -> str:
     if isinstance(decision, Ack):
         return decision.outcome
