@@ -207,7 +207,8 @@ class BrokerWatch:
         return None
 
     def _on_close(self, _: object, exc: BaseException | None = None) -> None:
-        if self._up:
+        # aio-pika marks a close of our own before it runs the callbacks: no warning for that.
+        if self._up and not getattr(self._connection, "_close_called", False):
             log.warning("broker.connection.lost", error=repr(exc)[:200])
         self._up = False
         self._metrics.broker_connected.set(0)
