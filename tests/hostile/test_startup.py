@@ -291,7 +291,8 @@ async def test_broker_refusing_the_worker_makes_readyz_503_at_once(
     if broker is None:
         pytest.skip("needs rabbitmqctl on the test's own broker (EGLO_AMQP_URL is set)")
     vhost = unquote(urlsplit(amqp_url).path.lstrip("/"))
-    settings = make_settings(amqp_url, database_url, emulator, amqp_reconnect_interval_s=1.0)
+    # The default reconnect interval (EGLO_AMQP_RECONNECT_INTERVAL_S, 2 s) bounds "ready again".
+    settings = make_settings(amqp_url, database_url, emulator)
     async with running_worker(settings) as worker:
         port = worker.metrics_port or 0
         await seconds_until(port, 200, within_s=10)
@@ -336,3 +337,125 @@ async def test_broker_refusing_the_worker_makes_readyz_503_at_once(
 async def _pool_stored(pool: object, prefix: str, count: int) -> bool:
     assert isinstance(pool, asyncpg.Pool)
     return await runs(pool, prefix) == count
+
+
+# ---- 4. the database unreachable mid-run -------------------------------------------------------
+
+
+class CuttableProxy:
+    """A TCP front for the test's Postgres (Unix socket or TCP) that can refuse and drop every
+    connection, as a network partition or a stopped server would."""
+
+    def __init__(self, database_url: str) -> None:
+        parts = urlsplit(database_url)
+        query = dict(p.split("=", 1) for p in parts.query.split("&") if "=" in p)
+        host = unquote(query.get("host", parts.hostname or "127.0.0.1"))
+        port = int(query.get("port", parts.port or 5432))
+        self._unix = f"{host}/.s.PGSQL.{port}" if host.startswith("/") else None
+        self._target = (host, port)
+        self._parts = parts
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self.port = 0
+        self.up = True
+
+    def url(self) -> str:
+        user = self._parts.username or "postgres"
+        return urlunsplit(
+            self._parts._replace(netloc=f"{user}@127.0.0.1:{self.port}", query="")
+        )
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    def cut(self) -> None:
+        """Refuse new connections (reset at once) and drop the open ones."""
+        self.up = False
+        for writer in list(self._writers):
+            writer.transport.abort()
+
+    def mend(self) -> None:
+        self.up = True
+
+    async def close(self) -> None:
+        self.cut()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self.up:
+            writer.transport.abort()
+            return
+        if self._unix is not None:
+            up_reader, up_writer = await asyncio.open_unix_connection(self._unix)
+        else:
+            up_reader, up_writer = await asyncio.open_connection(*self._target)
+        self._writers.update({writer, up_writer})
+        try:
+            await asyncio.gather(
+                _pipe(reader, up_writer), _pipe(up_reader, writer), return_exceptions=True
+            )
+        finally:
+            for w in (writer, up_writer):
+                self._writers.discard(w)
+                w.transport.abort()
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    finally:
+        writer.transport.abort()
+
+
+async def test_database_unreachable_mid_run_pauses_and_resumes(
+    amqp_url: str, database_url: str, emulator: str, pool: asyncpg.Pool
+) -> None:
+    """Every database connection dropped and refused for 6 s mid-run: /readyz 503 within a
+    second or two, consumption paused, requests wait unacked; reachable again: 200 within 5 s,
+    all stored once, none dead-lettered."""
+    proxy = CuttableProxy(database_url)
+    await proxy.start()
+    try:
+        settings = make_settings(
+            amqp_url, proxy.url(), emulator, db_check_interval_s=0.5, prefetch=8
+        )
+        first, second = requests(10, "cut-a"), requests(20, "cut-b")
+        async with running_worker(settings) as worker, Publisher.connect(amqp_url) as publisher:
+            port = worker.metrics_port or 0
+            await publisher.publish_many(first)  # type: ignore[arg-type]
+            await wait_for(lambda: _pool_stored(pool, "cut-a", 10), within_s=30)
+            proxy.cut()
+            await publisher.publish_many(second)  # type: ignore[arg-type]
+            unready_s = await seconds_until(port, 503, within_s=10)
+            await asyncio.sleep(6.0 - unready_s)
+            status, reason = await readiness(port)
+            assert status == 503, reason
+            proxy.mend()
+            ready_s = await seconds_until(port, 200, within_s=15)
+            await wait_for(lambda: _pool_stored(pool, "cut-b", 20), within_s=30)
+            async with contextlib.AsyncExitStack() as stack:
+                amqp = await aio_pika_connection(amqp_url, stack)
+                dead = await queue_depth(amqp, topology.DEAD_LETTER_QUEUE)
+    finally:
+        await proxy.close()
+    attempts = await pool.fetchval("SELECT max(attempts) FROM optimization_runs")
+    assert dead == 0 and attempts == 1
+    assert unready_s <= 5.0 and ready_s <= 5.0
+    record(
+        Row(
+            attack="database unreachable mid-run (connections dropped and refused, 6 s)",
+            eglo_did=f"/readyz 503 after {unready_s:.1f} s ({reason}), consumption paused, "
+            f"in-flight requests waited unacked; reachable again: 200 in {ready_s:.1f} s, "
+            "all 30 stored once",
+            peak_rss_mb=None,
+            lost=0,
+            dead_lettered=dead,
+            ready_again_s=round(ready_s, 1),
+            before="not measured; main's /readyz does not look at the database",
+        )
+    )
