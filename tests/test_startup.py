@@ -356,3 +356,46 @@ async def test_unexpected_error_on_the_last_delivery_is_dead_lettered_with_a_rea
     assert dead.headers[REASON_HEADER] == "unexpected_error"
     assert "ValueError" in str(dead.headers["x-eglo-dead-letter-detail"])
     assert dead.message_id == "exploding-1"
+
+
+async def test_embedder_without_a_schema_waits_and_starts_when_migrated(
+    amqp_url: str, database_url: str
+) -> None:
+    """The embedder has the worker's start-up order: no schema -> its queue declared, /readyz
+    503 with the reason, nothing consumed; migrated -> consuming, without a restart."""
+    import aio_pika
+
+    from db.migrate import migrate
+    from worker.embedder import EMBEDDINGS_QUEUE, EmbedderConfig, EmbedderService
+
+    async with database_at(database_url, None) as url:
+        settings = make_settings(amqp_url, url, "http://127.0.0.1:1", db_check_interval_s=0.3)
+        service = EmbedderService(settings, config=EmbedderConfig(metrics_port=0))
+        task = asyncio.create_task(service.run())
+        try:
+            await asyncio.wait_for(service.started.wait(), 30)
+            base = f"http://127.0.0.1:{service.metrics_port}"
+            async with httpx.AsyncClient() as client:
+                ready = await client.get(f"{base}/readyz")
+                assert ready.status_code == 503
+                assert ready.json()["detail"].startswith("schema missing, code needs ")
+                connection = await aio_pika.connect_robust(amqp_url)
+                try:
+                    channel = await connection.channel()
+                    queue = await channel.declare_queue(EMBEDDINGS_QUEUE, passive=True)
+                    assert queue.declaration_result.consumer_count == 0
+                finally:
+                    await connection.close()
+                conn = await connect(url)
+                try:
+                    await migrate(conn)
+                finally:
+                    await conn.close()
+
+                async def ready_now() -> bool:
+                    return (await client.get(f"{base}/readyz")).status_code == 200
+
+                await wait_for(ready_now, within_s=5)
+        finally:
+            service.stop()
+            assert await asyncio.wait_for(task, 30) == 0
