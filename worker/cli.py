@@ -61,7 +61,8 @@ async def _migrate(settings: Settings) -> int:
 
 async def _migrate_check(settings: Settings, wait_s: float) -> int:
     """0 when the schema is current, 1 while migrations are pending (after waiting up to wait_s
-    for them: an init container's gate), 2 when the database cannot be asked."""
+    for them: an init container's gate), 2 when the database cannot be asked (unreachable, or
+    the role may not read schema_migrations: see db/worker_role.sql)."""
     from db.migrate import schema_status
     from db.pool import connect, database_url
 
@@ -78,7 +79,9 @@ async def _migrate_check(settings: Settings, wait_s: float) -> int:
             line, code = status.describe(), 0 if status.current else 1
             if not status.current:
                 line += f" (pending: {', '.join(status.pending)})"
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except asyncpg.PostgresError as exc:  # e.g. no SELECT on schema_migrations
+            line, code = f"cannot read the schema version: {type(exc).__name__}: {exc}", 2
+        except (OSError, TimeoutError, asyncpg.InterfaceError) as exc:
             line, code = f"database unreachable: {type(exc).__name__}: {exc}", 2
         if line != said:
             print(line, file=sys.stdout if code == 0 else sys.stderr, flush=True)
