@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field
+
+from contracts.wire import Integer, integral
 
 Finite = Annotated[float, Field(allow_inf_nan=False)]
+Count = Annotated[int, Field(ge=0), BeforeValidator(integral)]
 
 
 class Result(BaseModel):
@@ -27,7 +30,7 @@ class ForecastResult(Result):
         default=None, validation_alias=AliasChoices("upper", "upper_bound", "forecast_upper")
     )
     interval_level: float | None = Field(default=None, gt=0, lt=1)
-    resolution_minutes: int | None = None
+    resolution_minutes: Integer | None = None
 
 
 class StorageResult(Result):
@@ -84,11 +87,11 @@ class ExecutionMetadata(Result):
     device: str | None = Field(
         default=None, validation_alias=AliasChoices("device", "device_used", "backend")
     )
-    n_qubits: int | None = Field(
-        default=None, ge=0, validation_alias=AliasChoices("n_qubits", "qubits", "num_qubits")
+    n_qubits: Count | None = Field(
+        default=None, validation_alias=AliasChoices("n_qubits", "qubits", "num_qubits")
     )
-    circuit_depth: int | None = Field(
-        default=None, ge=0, validation_alias=AliasChoices("circuit_depth", "depth")
+    circuit_depth: Count | None = Field(
+        default=None, validation_alias=AliasChoices("circuit_depth", "depth")
     )
     execution_time_ms: Finite | None = Field(
         default=None,

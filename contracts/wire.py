@@ -34,7 +34,7 @@ def on_wire(info: ValidationInfo) -> bool:
     return isinstance(info.context, dict) and bool(info.context.get("wire"))
 
 
-def _integral(value: Any) -> Any:
+def integral(value: Any) -> Any:
     # JSON Schema's `integer` is any number with a zero fractional part, `true` is not one.
     if isinstance(value, bool):
         raise ValueError("must be a JSON number, not a boolean")
@@ -71,14 +71,14 @@ def _uuid(value: Any) -> Any:
     return value
 
 
-Integer = Annotated[int, BeforeValidator(_integral)]
+Integer = Annotated[int, BeforeValidator(integral)]
 # Published as a bounded integer, not `const`: TypeScript generators drop an integer const.
 SchemaVersion = Annotated[
     Literal[1],
-    BeforeValidator(_integral),
+    BeforeValidator(integral),
     WithJsonSchema({"type": "integer", "minimum": 1, "maximum": 1, "default": 1}),
 ]
-Resolution = Annotated[Literal[15, 30, 60], BeforeValidator(_integral)]
+Resolution = Annotated[Literal[15, 30, 60], BeforeValidator(integral)]
 WireDate = Annotated[date, BeforeValidator(_date)]
 WireDateTime = Annotated[
     datetime, BeforeValidator(_date_time), Field(json_schema_extra={"pattern": DATE_TIME_PATTERN})

@@ -26,7 +26,7 @@ from contracts.topology import (
 from producers.sample import generate_requests
 from tests import stub_qnn as stubs
 from tests.conftest import make_settings
-from tests.harness import drain_queue, queue_depth, running_worker, wait_for
+from tests.harness import drain_queue, queue_depth, running_worker, save_figures, wait_for
 from worker import amqp_codec as codec
 from worker import topology
 
@@ -158,6 +158,17 @@ async def test_any_headers_are_settled_and_copied_exactly(
     assert oversized.headers["x-first-death-reason"] == "rejected"
     assert _same(OVERSIZED, {k: v for k, v in oversized.headers.items() if k.startswith("h")})
     assert fallbacks == 1
+    save_figures(
+        "headers",
+        {
+            "cases": len(cases),
+            "sent": len(messages),
+            "settled": len(letters),
+            "copied_exactly": len(sent),
+            "fell_back_to_broker": int(fallbacks),
+            "stuck": len(messages) - len(letters) + int(unsettled),
+        },
+    )
 
 
 async def _depth(connection: AbstractRobustConnection, name: str, n: int) -> bool:

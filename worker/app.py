@@ -243,7 +243,7 @@ class Worker:
                     if not relay_started.is_set():
                         relay_task.cancel()
                     try:
-                        await asyncio.wait_for(relay_task, timeout=10.0)
+                        await asyncio.wait_for(relay_task, settings.outbox_flush_timeout_s)
                     except asyncio.CancelledError:
                         if not relay_task.cancelled():
                             raise

@@ -341,7 +341,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 async def _plot(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.plots import RunNotPlottable, plot_run
+    try:
+        from worker.plots import RunNotPlottable, plot_run
+    except ImportError as exc:  # matplotlib is in the demo extra, not in the image
+        print(f"eglo plot: {exc.name} is not installed (install eglo[demo])", file=sys.stderr)
+        return 2
 
     async with _pool(settings) as pool:
         try:

@@ -211,6 +211,7 @@ class Consumer:
             log.exception(
                 "request.unexpected_error", redelivered=message.redelivered, deliveries=deliveries
             )
+            self._metrics.unexpected_errors.inc()
             if deliveries >= DELIVERY_LIMIT:
                 self._metrics.messages.labels(
                     request_type="unknown", outcome="dead_lettered"
@@ -239,24 +240,7 @@ class Consumer:
 
     async def _settle(self, message: AbstractIncomingMessage, decision: Decision) -> None:
         if isinstance(decision, DeadLetter | Delay):
-            try:
-                await self._publish_copy(message, decision)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - whatever stops the copy, the original moves
-                kind = "dead_letter" if isinstance(decision, DeadLetter) else "delay"
-                self._metrics.settle_fallbacks.labels(decision=kind).inc()
-                log.error(
-                    "request.copy_failed",
-                    decision=kind,
-                    reason=decision.reason,
-                    error=repr(exc)[:300],
-                )
-                await message.reject(requeue=False)
-                if isinstance(decision, DeadLetter):
-                    self._metrics.dead_letters.labels(reason=decision.reason).inc()
-                    await self._reply_quietly(message, decision.reply)
-                return
+            copied = await self._copy(message, decision)
             if isinstance(decision, DeadLetter):
                 self._metrics.dead_letters.labels(reason=decision.reason).inc()
                 log.warning(
@@ -264,7 +248,14 @@ class Consumer:
                     reason=decision.reason,
                     rule=decision.rule,
                     detail=decision.detail,
+                    by="eglo" if copied else "broker",
                 )
+            if not copied:
+                # The queue's own dead-letter exchange takes the original, with x-death.
+                await message.reject(requeue=False)
+                if isinstance(decision, DeadLetter):
+                    await self._reply_quietly(message, decision.reply)
+                return
         if isinstance(decision, Ack | DeadLetter) and decision.reply is not None:
             try:
                 await self._reply(message, decision.reply)
@@ -275,6 +266,19 @@ class Consumer:
                 await message.reject(requeue=True)
                 return
         await message.ack()
+
+    async def _copy(self, message: AbstractIncomingMessage, decision: DeadLetter | Delay) -> bool:
+        """Publish the dead-letter or delay copy; False if it cannot be published at all."""
+        try:
+            await self._publish_copy(message, decision)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - whatever stops the copy, the original moves
+            kind = "dead_letter" if isinstance(decision, DeadLetter) else "delay"
+            self._metrics.settle_fallbacks.labels(decision=kind).inc()
+            log.error("request.copy_failed", decision=kind, error=repr(exc)[:300])
+            return False
+        return True
 
     async def _publish_copy(
         self, message: AbstractIncomingMessage, decision: DeadLetter | Delay

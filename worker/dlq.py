@@ -17,6 +17,7 @@ from contracts.topology import (
     REASON_HEADER,
     REPLAYED_HEADER,
     REPUBLISHED_AT_HEADER,
+    RULE_HEADER,
 )
 from worker import topology
 
@@ -24,6 +25,7 @@ from worker import topology
 _DEAD_LETTER_HEADERS = (
     REASON_HEADER,
     DETAIL_HEADER,
+    RULE_HEADER,
     ATTEMPT_HEADER,
     REPUBLISHED_AT_HEADER,
     ORIGINAL_ROUTING_KEY_HEADER,

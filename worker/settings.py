@@ -85,6 +85,9 @@ class Settings(BaseSettings):
     metrics_port: int = Field(default=9108, ge=0, le=65535)
     metrics_host: str = "0.0.0.0"
     shutdown_grace_s: float = Field(default=25.0, ge=0)
+    outbox_flush_timeout_s: float = Field(
+        default=5.0, ge=0, description="After the drain, how long the outbox relay may flush."
+    )
     tracing_enabled: bool = Field(default=False, description="OpenTelemetry spans on/off.")
     otlp_endpoint: str | None = Field(
         default=None, description="OTLP/HTTP traces URL; unset with tracing on: console."

@@ -20,7 +20,7 @@ import asyncpg
 import orjson
 import structlog
 
-from contracts.events import RunOutcome
+from contracts.events import RunOutcome, outcome_routing_key
 from contracts.results import ExecutionMetadata
 from worker.metrics import Metrics
 from worker.records import Reply, RunRecord, outcome_event_id, outcome_reply
@@ -230,7 +230,7 @@ class RunStore:
         return outcome_reply(
             RunOutcome(
                 event_id=event_id,
-                event_type=f"run.{row['status']}.{row['request_type']}",
+                event_type=outcome_routing_key(row["status"], row["request_type"]),
                 occurred_at=row["updated_at"],
                 run_id=run_id,
                 request_id=row["request_id"],
