@@ -572,6 +572,23 @@ def test_migrate_job(k8s_docs: dict[str, list[dict[str, Any]]]) -> None:
     assert 0 < job["spec"]["ttlSecondsAfterFinished"] <= 3600
 
 
+def test_deployments_wait_for_the_schema(k8s_docs: dict[str, list[dict[str, Any]]]) -> None:
+    """Deploy order: each Deployment's init container runs `eglo migrate --check --wait`, which
+    the CLI accepts, with the same configuration as the container it holds back."""
+    from worker.cli import build_parser
+
+    for deployment in by_kind(kustomized(k8s_docs), "Deployment"):
+        name = deployment["metadata"]["name"]
+        pod = deployment["spec"]["template"]["spec"]
+        [init] = pod["initContainers"]
+        assert init["args"][:2] == ["migrate", "--check"], name
+        args = build_parser().parse_args(init["args"])
+        assert args.check and args.wait >= 60, name
+        assert init["image"] == pod["containers"][0]["image"], name
+        assert init["envFrom"] == pod["containers"][0]["envFrom"], name
+        assert init["securityContext"]["allowPrivilegeEscalation"] is False, name
+
+
 def test_keda_scales_the_worker_on_the_requests_queue(
     k8s_docs: dict[str, list[dict[str, Any]]],
 ) -> None:

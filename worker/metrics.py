@@ -164,3 +164,14 @@ class Metrics:
             self.db_errors.labels(operation=operation)
         for decision in ("dead_letter", "delay"):
             self.settle_fallbacks.labels(decision=decision)
+        self.db_gate_open = Gauge(
+            "eglo_db_gate_open",
+            "1 while the database can take the work (reachable, schema current, privileges "
+            "held); 0 while consumption is paused for it.",
+            registry=r,
+        )
+        self.broker_connected = Gauge(
+            "eglo_broker_connected",
+            "1 while the broker connection and its channels are up; 0 while down or reconnecting.",
+            registry=r,
+        )

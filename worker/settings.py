@@ -94,6 +94,15 @@ class Settings(BaseSettings):
     )
     log_level: str = "INFO"
     log_json: bool = True
+    db_check_interval_s: float = Field(
+        default=1.0,
+        gt=0,
+        description="How often the worker and embedder check the database (schema current, "
+        "tables there, privileges held); consumption pauses while the check fails.",
+    )
+    amqp_reconnect_interval_s: float = Field(
+        default=2.0, gt=0, description="Seconds between reconnect attempts to the broker."
+    )
 
     amqp_ca_file: FilePath | None = Field(
         default=None,
