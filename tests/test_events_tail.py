@@ -170,8 +170,9 @@ def _queues(vhost: str) -> list[dict[str, Any]]:
 
 
 def _tail_queues(vhost: str) -> list[dict[str, Any]]:
-    # topology.declare creates the durable eglo.* queues; the tail's own is server-named.
-    return [q for q in _queues(vhost) if q["name"].startswith("amq.gen-")]
+    # topology.declare creates the durable eglo.* queues; the tail's own is named by aio-pika's
+    # robust channel (amq_<hex>, so it can be declared again after a failover).
+    return [q for q in _queues(vhost) if q["name"].startswith(("amq.gen-", "amq_"))]
 
 
 async def test_ctrl_c_stops_the_cli_cleanly_and_the_queue_goes_away(

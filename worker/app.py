@@ -60,6 +60,7 @@ async def open_resources(settings: Settings) -> AsyncIterator[Resources]:
             tls.amqp_url(settings),
             name="eglo-worker",
             reconnect_interval=settings.amqp_reconnect_interval_s,
+            backoff_max_s=settings.amqp_reconnect_max_s,
         )
         try:
             yield Resources(pool, connection)

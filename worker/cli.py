@@ -200,9 +200,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_dlq(args: argparse.Namespace) -> int:
     from worker import dlq
+    from worker.tls import amqp_url
 
     settings = _setup(args)
-    url = settings.amqp_url.get_secret_value()
+    url = amqp_url(settings)
     if args.dlq_command == "list":
         print(dlq.format_dead_letters(_run_value(dlq.list_dead_letters(url, limit=args.limit))))
     else:

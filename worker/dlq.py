@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from contracts.topology import (
@@ -19,7 +18,7 @@ from contracts.topology import (
     REPUBLISHED_AT_HEADER,
     RULE_HEADER,
 )
-from worker import topology
+from worker import tls, topology
 
 # Headers that describe the dead-lettering itself; a replayed message starts clean.
 _DEAD_LETTER_HEADERS = (
@@ -65,7 +64,7 @@ def describe(message: AbstractIncomingMessage) -> DeadLetter:
 
 @contextlib.asynccontextmanager
 async def _dlq_channel(amqp_url: str) -> AsyncIterator[AbstractChannel]:
-    connection = await aio_pika.connect(amqp_url)
+    connection = await tls.connect_broker(amqp_url, name="eglo-dlq")
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
         await topology.declare(channel)

@@ -212,6 +212,7 @@ async def _open(settings: Settings) -> AsyncIterator[tuple[asyncpg.Pool, Abstrac
             tls.amqp_url(settings),
             name="eglo-embedder",
             reconnect_interval=settings.amqp_reconnect_interval_s,
+            backoff_max_s=settings.amqp_reconnect_max_s,
         )
         try:
             yield pool, connection

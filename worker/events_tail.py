@@ -16,11 +16,10 @@ import threading
 from collections.abc import Iterator
 from typing import TextIO
 
-import aio_pika
 import orjson
 from aio_pika.abc import AbstractIncomingMessage
 
-from worker import topology
+from worker import tls, topology
 
 # Bounds the messages the broker pushes ahead of printing; a slow terminal then applies
 # backpressure through the broker instead of growing this process's memory.
@@ -75,9 +74,7 @@ async def tail_events(
         return 0
     stop = asyncio.Event()
     printed = 0
-    connection = await aio_pika.connect(
-        amqp_url, client_properties={"connection_name": "eglo-events-tail"}
-    )
+    connection = await tls.connect_broker(amqp_url, name="eglo-events-tail")
     try:
         channel = await connection.channel()
         await channel.set_qos(prefetch_count=PREFETCH)
@@ -143,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
     """`eglo events tail`: the broker comes from EGLO_AMQP_URL, like every other subcommand."""
     from worker.settings import Settings
 
-    amqp_url = Settings().amqp_url.get_secret_value()
+    amqp_url = tls.amqp_url(Settings())
     try:
         return asyncio.run(_tail_from_args(amqp_url, args))
     except KeyboardInterrupt:  # Ctrl-C before the queue was bound
@@ -154,8 +151,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from worker import logs
+
     parser = argparse.ArgumentParser(prog="eglo events tail", description=__doc__)
     add_arguments(parser)
+    # Logs (e.g. which broker node it reached) on stderr: stdout is one event per line.
+    logs.configure("WARNING", json=False)
     return run(parser.parse_args(argv))
 
 

@@ -126,6 +126,12 @@ class Settings(BaseSettings):
     database_key_file: FilePath | None = Field(
         default=None, description="PEM private key of database_cert_file (libpq sslkey)."
     )
+    amqp_reconnect_max_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Longest pause between reconnect rounds once every broker node refused "
+        "(the pause doubles per round from amqp_reconnect_interval_s, jittered).",
+    )
 
     @model_validator(mode="after")
     def _key_from_file(self) -> Settings:
@@ -135,9 +141,13 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _tls_files_fit_urls(self) -> Settings:
+        from worker.broker import broker_urls
+
         amqp_files = (self.amqp_ca_file, self.amqp_cert_file, self.amqp_key_file)
-        scheme = self.amqp_url.get_secret_value().split(":", 1)[0].lower()
-        if any(f is not None for f in amqp_files) and scheme != "amqps":
+        urls = broker_urls(self.amqp_url.get_secret_value())
+        schemes = {u.split(":", 1)[0].lower() for u in urls}
+        if any(f is not None for f in amqp_files) and schemes != {"amqps"}:
+            scheme = sorted(schemes - {"amqps"})[0]
             raise ValueError(
                 "EGLO_AMQP_CA_FILE, EGLO_AMQP_CERT_FILE and EGLO_AMQP_KEY_FILE apply to TLS "
                 f"only, and EGLO_AMQP_URL is {scheme}://, not amqps://"

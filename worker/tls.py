@@ -8,15 +8,16 @@ turned into a `TlsError` that names the server, what failed and which setting to
 
 from __future__ import annotations
 
+import random
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-import aio_pika
 from aio_pika.abc import AbstractRobustConnection
 
+from worker.broker import FailoverConnection, broker_urls
 from worker.settings import Settings
 
 
@@ -29,14 +30,17 @@ class TlsError(Exception):
 
 
 def amqp_url(settings: Settings) -> str:
-    """EGLO_AMQP_URL with EGLO_AMQP_CA_FILE / _CERT_FILE / _KEY_FILE as aiormq's query options."""
-    return _with_query(
-        settings.amqp_url.get_secret_value(),
-        {
-            "cafile": settings.amqp_ca_file,
-            "certfile": settings.amqp_cert_file,
-            "keyfile": settings.amqp_key_file,
-        },
+    """EGLO_AMQP_URL with EGLO_AMQP_CA_FILE / _CERT_FILE / _KEY_FILE as aiormq's query options.
+
+    With several nodes (worker/broker.py), every node gets them, each as a whole URL.
+    """
+    extra: dict[str, Path | str | None] = {
+        "cafile": settings.amqp_ca_file,
+        "certfile": settings.amqp_cert_file,
+        "keyfile": settings.amqp_key_file,
+    }
+    return ",".join(
+        _with_query(url, extra) for url in broker_urls(settings.amqp_url.get_secret_value())
     )
 
 
@@ -56,18 +60,35 @@ def database_tls_url(url: str, settings: Settings) -> str:
     return _with_query(url, extra)
 
 
-async def connect_broker(url: str, *, name: str, **kwargs: Any) -> AbstractRobustConnection:
-    """aio-pika's robust connection (kwargs go to connect_robust, e.g. reconnect_interval); a
-    failed TLS handshake raises TlsError."""
-    try:
-        connection: AbstractRobustConnection = await aio_pika.connect_robust(
-            url, client_properties={"connection_name": name}, **kwargs
+async def connect_broker(
+    url: str, *, name: str, shuffle: bool = True, **kwargs: Any
+) -> AbstractRobustConnection:
+    """A robust connection to any live node of `url` (one URL or a comma-separated list, see
+    worker/broker.py), tried in a shuffled order so processes spread over the nodes; after a loss
+    it fails over to the next node. kwargs go to the connection (e.g. reconnect_interval,
+    backoff_max_s). A failed TLS handshake raises TlsError at once; if no node answers, the
+    last node's error is raised."""
+    nodes = broker_urls(url)
+    if shuffle:
+        random.shuffle(nodes)
+    last: Exception | None = None
+    for start in range(len(nodes)):
+        order = nodes[start:] + nodes[:start]
+        connection = FailoverConnection(
+            order, client_properties={"connection_name": name}, **kwargs
         )
-        return connection
-    except Exception as exc:
-        if (error := explain(exc, url, server="the broker", setting="EGLO_AMQP")) is not None:
-            raise error from exc
-        raise
+        try:
+            await connection.connect()
+            return connection
+        except Exception as exc:
+            await connection.close()
+            if (
+                error := explain(exc, order[0], server="the broker", setting="EGLO_AMQP")
+            ) is not None:
+                raise error from exc
+            last = exc
+    assert last is not None
+    raise last
 
 
 def explain(exc: BaseException, url: str, *, server: str, setting: str) -> TlsError | None:
