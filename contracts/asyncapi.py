@@ -22,6 +22,7 @@ from contracts.schemas import render_schemas
 from contracts.topology import (
     DEAD_LETTER_EXCHANGE,
     DEAD_LETTER_QUEUE,
+    DELAY_QUEUE_ARGUMENTS,
     DELIVERY_LIMIT,
     EVENTS_EXCHANGE,
     REQUESTS_EXCHANGE,
@@ -342,15 +343,22 @@ def _channels() -> dict[str, Any]:
             },
         },
         "retryDelay": {
-            "address": "eglo.requests.delay.{delay_ms}ms",
+            "address": "eglo.requests.retry.{delay_ms}ms",
             "title": "Retry delay queues",
             "description": (
-                "Classic queues with a message TTL, one per EGLO_RETRY_DELAYS_S tier; expired "
-                f"messages dead-letter through the default exchange back onto `{REQUESTS_QUEUE}`."
+                "Quorum queues with a message TTL, one per EGLO_RETRY_DELAYS_S tier, replicated "
+                "like eglo.requests so a tier survives the loss of a node; expired messages "
+                f"dead-letter (at-least-once) through the default exchange back onto "
+                f"`{REQUESTS_QUEUE}`. Until issue 13 the tiers were classic queues named "
+                "`eglo.requests.delay.{delay_ms}ms`."
             ),
             "parameters": {"delay_ms": {"description": "The tier's delay in milliseconds."}},
             "messages": {"optimizationRequest": msg("OptimizationRequest")},
-            "bindings": _queue_binding("eglo.requests.delay.{delay_ms}ms"),
+            "bindings": _queue_binding("eglo.requests.retry.{delay_ms}ms"),
+            "x-eglo-queue-arguments": {
+                "x-message-ttl": "{delay_ms}",
+                **DELAY_QUEUE_ARGUMENTS,
+            },
         },
         "deadLetters": {
             "address": DEAD_LETTER_QUEUE,

@@ -29,4 +29,17 @@ def request_routing_key(request_type: str) -> str:
 
 
 def delay_queue_name(delay_s: float) -> str:
-    return f"eglo.requests.delay.{int(delay_s * 1000)}ms"
+    """A retry tier: a quorum queue (until issue 13, `eglo.requests.delay.<ms>ms`, classic)."""
+    return f"eglo.requests.retry.{int(delay_s * 1000)}ms"
+
+
+# The quorum delay tiers' arguments besides the TTL: expired messages go back onto eglo.requests
+# through the default exchange, dead-lettered at-least-once (held until eglo.requests confirms
+# them, which needs reject-publish overflow; RabbitMQ 3.10+).
+DELAY_QUEUE_ARGUMENTS = {
+    "x-queue-type": "quorum",
+    "x-dead-letter-exchange": "",
+    "x-dead-letter-routing-key": REQUESTS_QUEUE,
+    "x-dead-letter-strategy": "at-least-once",
+    "x-overflow": "reject-publish",
+}

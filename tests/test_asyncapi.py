@@ -123,7 +123,7 @@ def test_names_match_the_worker() -> None:
     assert asyncapi.DEAD_LETTER_QUEUE == topology.DEAD_LETTER_QUEUE
     assert asyncapi.EVENTS_EXCHANGE == topology.EVENTS_EXCHANGE
     assert asyncapi.DELIVERY_LIMIT == topology.DELIVERY_LIMIT
-    assert topology.delay_queue_name(5.0) == "eglo.requests.delay.5000ms"
+    assert topology.delay_queue_name(5.0) == "eglo.requests.retry.5000ms"
     headers = asyncapi.DEAD_LETTER_HEADERS["properties"]
     expected = {consumer.REASON_HEADER, consumer.DETAIL_HEADER, pipeline.ATTEMPT_HEADER}
     assert expected <= headers.keys()

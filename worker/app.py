@@ -98,6 +98,8 @@ class Worker:
                 metrics,
                 batch=settings.outbox_batch,
                 poll_s=settings.outbox_poll_s,
+                window=settings.outbox_window,
+                confirm_timeout_s=settings.outbox_confirm_timeout_s,
             )
             store = RunStore(
                 res.pool,

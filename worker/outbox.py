@@ -2,6 +2,13 @@
 
 Safe with many workers: each batch is claimed with FOR UPDATE SKIP LOCKED, and only events the
 broker confirmed are marked published; anything else is re-sent later with the same event_id.
+
+After a broker node is lost, what was sent but not confirmed is sent again (consumers dedupe by
+event_id). To keep that small, a batch goes out `window` events at a time, each window's confirms
+awaited before the next is sent: at most `window` events are ever unconfirmed. The relay waits
+for a usable channel before it claims rows, and gives up on a batch's confirms after
+`confirm_timeout_s`, so a relay cut off from its broker never holds rows another worker could
+send.
 """
 
 from __future__ import annotations
@@ -44,6 +51,8 @@ class OutboxRelay:
         batch: int,
         poll_s: float,
         retention_h: float = 24.0,
+        window: int = 64,
+        confirm_timeout_s: float = 5.0,
     ) -> None:
         self._pool = pool
         self._channel = channel
@@ -51,6 +60,8 @@ class OutboxRelay:
         self._batch = batch
         self._poll_s = poll_s
         self._retention_h = retention_h
+        self._window = window
+        self._confirm_timeout_s = confirm_timeout_s
         self._wakeup = asyncio.Event()
         self._stopping = False
 
@@ -101,33 +112,52 @@ class OutboxRelay:
         self._metrics.outbox_backlog.set(await self._pool.fetchval(_BACKLOG))
 
     async def _relay_batch(self) -> tuple[int, int]:
+        # The channel first, with no row claimed: a robust channel waits here while its broker
+        # connection is down, and rows locked meanwhile would be stuck for every other worker.
+        # aio-pika's publish holds the channel's lock until the writer has flushed each frame,
+        # so a batch took one event-loop pass per event: 500 events took 6-8 s on a busy
+        # worker. On the channel underneath, with wait=False, the lock is held only to queue
+        # the frame; a window of events is then in flight at once, each awaiting its confirm.
+        channel = cast(aiormq.Channel, await self._channel.get_underlay_channel())
+        published: list[Any] = []
         async with self._pool.acquire() as conn, conn.transaction():
             rows = await conn.fetch(_CLAIM, self._batch)
             if not rows:
                 return 0, 0
-            # aio-pika's publish holds the channel's lock until the writer has flushed each frame,
-            # so a batch took one event-loop pass per event: 500 events took 6-8 s on a busy
-            # worker. On the channel underneath, with wait=False, the lock is held only to queue
-            # the frame; every event is then in flight at once, each awaiting its own confirm.
-            channel = cast(aiormq.Channel, await self._channel.get_underlay_channel())
-            outcomes = await asyncio.gather(
-                *(self._publish(channel, r) for r in rows), return_exceptions=True
-            )
-            confirmed = [
-                r["id"]
-                for r, o in zip(rows, outcomes, strict=True)
-                if not isinstance(o, BaseException)
-            ]
-            failures = [o for o in outcomes if isinstance(o, BaseException)]
+            deadline = asyncio.get_running_loop().time() + self._confirm_timeout_s
+            failures: list[BaseException] = []
+            for start in range(0, len(rows), self._window):
+                window = rows[start : start + self._window]
+                left = deadline - asyncio.get_running_loop().time()
+                if left <= 0 or channel.is_closed:
+                    failures.append(TimeoutError("channel closed or confirm time spent"))
+                    break
+                try:
+                    async with asyncio.timeout(left):
+                        outcomes = await asyncio.gather(
+                            *(self._publish(channel, r) for r in window), return_exceptions=True
+                        )
+                except TimeoutError as exc:
+                    failures.append(exc)
+                    break
+                published += [
+                    r
+                    for r, o in zip(window, outcomes, strict=True)
+                    if not isinstance(o, BaseException)
+                ]
+                failures += [o for o in outcomes if isinstance(o, BaseException)]
+                if failures:
+                    break  # the channel is likely gone: leave the rest for the next attempt
             if failures:
                 log.warning(
-                    "outbox.publish.unconfirmed", count=len(failures), error=repr(failures[0])[:300]
+                    "outbox.publish.unconfirmed",
+                    count=len(rows) - len(published),
+                    error=repr(failures[0])[:300],
                 )
-            await conn.execute(_MARK, confirmed)
-        for row, outcome in zip(rows, outcomes, strict=True):
-            if not isinstance(outcome, BaseException):
-                self._metrics.events_published.labels(event_type=_event_type(row)).inc()
-        return len(rows), len(confirmed)
+            await conn.execute(_MARK, [r["id"] for r in published])
+        for row in published:
+            self._metrics.events_published.labels(event_type=_event_type(row)).inc()
+        return len(rows), len(published)
 
     async def _publish(self, channel: aiormq.Channel, row: Any) -> None:
         with tracing.span(

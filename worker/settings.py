@@ -126,6 +126,18 @@ class Settings(BaseSettings):
     database_key_file: FilePath | None = Field(
         default=None, description="PEM private key of database_cert_file (libpq sslkey)."
     )
+    outbox_window: int = Field(
+        default=64,
+        ge=1,
+        description="Most outbox events awaiting a broker confirm at once: after a node is lost, "
+        "at most this many events are sent twice.",
+    )
+    outbox_confirm_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="Longest the relay holds a claimed outbox batch waiting for confirms; what "
+        "is unconfirmed by then is sent again later.",
+    )
     amqp_reconnect_max_s: float = Field(
         default=30.0,
         gt=0,

@@ -17,6 +17,7 @@ from aio_pika.abc import (
 from contracts.topology import (
     DEAD_LETTER_EXCHANGE,
     DEAD_LETTER_QUEUE,
+    DELAY_QUEUE_ARGUMENTS,
     DELIVERY_LIMIT,
     EVENTS_EXCHANGE,
     ORIGINAL_EXPIRATION_HEADER,
@@ -117,15 +118,13 @@ async def declare(channel: AbstractChannel, retry_delays_s: list[float] | None =
     await requests_q.bind(requests_x, routing_key="request.*")
     delay_queues = []
     for delay in retry_delays_s or []:
-        # Expired messages go back through the default exchange straight onto eglo.requests.
+        # Quorum, so a tier outlives the loss of any one node (a classic queue lives on the node
+        # that declared it: while that node was down, workers could not even start). Expired
+        # messages go back through the default exchange straight onto eglo.requests.
         q = await channel.declare_queue(
             delay_queue_name(delay),
             durable=True,
-            arguments={
-                "x-message-ttl": int(delay * 1000),
-                "x-dead-letter-exchange": "",
-                "x-dead-letter-routing-key": REQUESTS_QUEUE,
-            },
+            arguments={"x-message-ttl": int(delay * 1000), **DELAY_QUEUE_ARGUMENTS},
         )
         delay_queues.append(q)
     return Topology(requests_x, dlx, events_x, requests_q, dlq, delay_queues)

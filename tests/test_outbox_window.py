@@ -1,0 +1,96 @@
+"""The outbox relay after a broker node loss: no rows held while the channel is down, and at most
+`window` events unconfirmed at any moment (so at most that many sent twice)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import asyncpg
+
+from worker.metrics import Metrics
+from worker.outbox import OutboxRelay
+
+
+class _Underlay:
+    """Stands in for aiormq's channel: counts confirms outstanding, can stop confirming."""
+
+    def __init__(self) -> None:
+        self.is_closed = False
+        self.in_flight = 0
+        self.most_in_flight = 0
+        self.sent = 0
+        self.confirming = asyncio.Event()
+        self.confirming.set()
+
+    async def basic_publish(self, body: bytes, **_: Any) -> None:
+        self.sent += 1
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            await asyncio.sleep(0.001)
+            await self.confirming.wait()
+        finally:
+            self.in_flight -= 1
+
+
+class _Channel:
+    def __init__(self, underlay: _Underlay) -> None:
+        self.underlay = underlay
+        self.up = asyncio.Event()
+        self.up.set()
+
+    async def get_underlay_channel(self) -> _Underlay:
+        await self.up.wait()  # as a robust channel does while its connection is down
+        return self.underlay
+
+
+async def _events(pool: asyncpg.Pool, n: int) -> None:
+    await pool.executemany(
+        "INSERT INTO outbox (event_id, exchange, routing_key, body) VALUES ($1, $2, $3, $4)",
+        [(uuid.uuid4(), "eglo.events", "run.completed.forecast", b"{}") for _ in range(n)],
+    )
+
+
+def _relay(pool: asyncpg.Pool, channel: _Channel, **kwargs: Any) -> OutboxRelay:
+    return OutboxRelay(pool, channel, Metrics(), batch=500, poll_s=0.05, **kwargs)  # type: ignore[arg-type]
+
+
+async def _unpublished(pool: asyncpg.Pool) -> int:
+    return int(await pool.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL"))
+
+
+async def test_at_most_window_events_unconfirmed(pool: asyncpg.Pool) -> None:
+    await _events(pool, 300)
+    underlay = _Underlay()
+    assert await _relay(pool, _Channel(underlay), window=20).flush() == 300
+    assert underlay.most_in_flight == 20
+    assert await _unpublished(pool) == 0
+
+
+async def test_no_rows_held_while_the_channel_is_down(pool: asyncpg.Pool) -> None:
+    await _events(pool, 50)
+    channel = _Channel(_Underlay())
+    channel.up.clear()
+    stuck = asyncio.create_task(_relay(pool, channel).flush())
+    await asyncio.sleep(0.3)
+    # Another worker's relay can claim every row meanwhile.
+    async with pool.acquire() as conn, conn.transaction():
+        claimed = await conn.fetch(
+            "SELECT id FROM outbox WHERE published_at IS NULL FOR UPDATE SKIP LOCKED"
+        )
+    assert len(claimed) == 50
+    stuck.cancel()
+
+
+async def test_confirms_that_never_come_release_the_batch(pool: asyncpg.Pool) -> None:
+    await _events(pool, 100)
+    underlay = _Underlay()
+    underlay.confirming.clear()  # the node died after taking the frames
+    relay = _relay(pool, _Channel(underlay), window=10, confirm_timeout_s=0.3)
+    assert await asyncio.wait_for(relay.flush(), 5) == 0
+    assert underlay.sent == 10  # one window out, the rest never sent
+    assert await _unpublished(pool) == 100
+    underlay.confirming.set()
+    assert await relay.flush() == 100
