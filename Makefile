@@ -48,10 +48,12 @@ tests/%/node_modules/.package-lock.json: tests/%/package-lock.json
 test: $(TEST_STAMP) $(NODE_STAMPS) lint
 	$(BIN)/python -m pytest -q
 
-## chaos: the full chaos suite (2,000 requests per scenario); the table goes to .eglo/chaos/table.md
+## chaos: the full chaos suite (2,000 requests per scenario), then the 3-node RabbitMQ cluster
+## scenarios; the tables go to .eglo/chaos/table.md and .eglo/chaos/cluster-table.md
 chaos: install
 	mkdir -p .eglo/chaos
 	$(BIN)/python -m tests.chaos | tee .eglo/chaos/table.md
+	$(BIN)/python -m tests.chaos --cluster | tee .eglo/chaos/cluster-table.md
 
 ## bench: ceilings, eglo, the FastStream baseline, memory and scale-out; writes docs/performance.md
 bench: install

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import signal
 import subprocess
@@ -12,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aio_pika
 import asyncpg
 import orjson
 
@@ -21,7 +21,7 @@ from producers.reader import parse_request
 from producers.sample import generate_requests
 from tests import infra
 from tests.chaos.environment import ChaosDatabase
-from worker import topology
+from worker import tls, topology
 from worker.processes import free_port, spawn, stop, wait_http_ok
 
 LOG_DIR = Path(".eglo/chaos")
@@ -38,6 +38,9 @@ class Scenario:
     duplicate_rate: float = 0.0
     worker_env: dict[str, str] = field(default_factory=dict)
     deadline_s: float = 180.0
+    # Runs once the topology is declared, before the worker starts (e.g. find a queue's leader).
+    prepare: Callable[[ChaosRun], Awaitable[None]] | None = None
+    publish_rate: float | None = None  # requests per second; None: as fast as confirms come
 
 
 @dataclass
@@ -54,6 +57,8 @@ class Row:
     lost: int
     seconds: float
     notes: list[str] = field(default_factory=list)
+    events: int = 0  # distinct events seen by the test's subscriber
+    recover_s: float | None = None
 
     @property
     def passed(self) -> bool:
@@ -70,9 +75,20 @@ class ChaosRun:
     """One scenario's world: a vhost, a database, an emulator, worker processes."""
 
     def __init__(
-        self, scenario: Scenario, amqp_url: str, vhost: str, db: ChaosDatabase, database_url: str
+        self,
+        scenario: Scenario,
+        amqp_url: str,
+        vhost: str,
+        db: ChaosDatabase,
+        database_url: str,
+        cluster: Any = None,
     ) -> None:
         self.scenario = scenario
+        self.cluster = cluster  # tests.cluster.RabbitCluster, for the cluster scenarios
+        self.events_queue = EVENTS_QUEUE if cluster is None else f"{EVENTS_QUEUE}.{scenario.name}"
+        self.recover_s: float | None = None
+        self.target: Any = None  # what `prepare` picked for the fault
+        self.confirmed = 0  # publishes the broker confirmed (duplicates and poison included)
         self.amqp_url = amqp_url
         self.vhost = vhost
         self.db = db
@@ -101,6 +117,50 @@ class ChaosRun:
 
     def log_path(self, name: str) -> Path:
         return LOG_DIR / self.scenario.name / f"{name}.log"
+
+    def worker_node(self) -> str:
+        """host:port of the broker node the latest worker is connected to (from its log)."""
+        node = None
+        for line in self.log_path(f"worker-{self._spawned}").read_text().splitlines():
+            if '"broker.connected"' in line:
+                node = orjson.loads(line).get("node")
+        if node is None:
+            raise RuntimeError("no broker.connected line in the worker's log")
+        return str(node)
+
+    def _restores(self) -> int:
+        text = self.log_path(f"worker-{self._spawned}").read_text()
+        return text.count('"broker.connection.restored"')
+
+    def mark(self) -> tuple[float, int]:
+        """Taken just before a fault: its time, and the worker's reconnects so far."""
+        return time.monotonic(), self._restores()
+
+    async def until_recovered(
+        self, mark: tuple[float, int], *, reconnect: bool = True, within_s: float = 120.0
+    ) -> None:
+        """Seconds to recover: from the fault (`mark`) until the worker has its broker
+        connection back (`broker.connection.restored` in its log; unless `reconnect` is False,
+        its connection not being hit) and has stored a run since."""
+        started, restored_before = mark
+        stored_at = None if reconnect else await self.stored()
+        while True:
+            if time.monotonic() - started > within_s:
+                self.notes.append(
+                    f"FAIL not recovered within {within_s:g} s of the fault ({self.confirmed} "
+                    f"publishes confirmed, {await self.stored()} stored, reconnected: "
+                    f"{self._restores() > restored_before})"
+                )
+                return
+            if stored_at is None:
+                if self._restores() > restored_before:
+                    stored_at = await self.stored()
+                    if stored_at >= self.scenario.requests:
+                        break  # nothing left to store: reconnected is recovered
+            elif stored_at >= self.scenario.requests or await self.stored() > stored_at:
+                break
+            await asyncio.sleep(0.05)
+        self.recover_s = round(time.monotonic() - started, 1)
 
     def start_worker(self) -> subprocess.Popen[bytes]:
         port = free_port()
@@ -167,8 +227,12 @@ async def _publish(
         # Steady, not all at once, so faults land while work is flowing; confirms are awaited,
         # and a publish the broker did not confirm (it was restarting) is sent again.
         window = asyncio.Semaphore(128)
+        rate = run.scenario.publish_rate
+        started = time.monotonic()
 
         async def send(kind: str, doc: dict[str, Any], i: int) -> None:
+            if rate:
+                await asyncio.sleep(max(0.0, started + i / rate - time.monotonic()))
             async with window:
                 for _ in range(60):
                     try:
@@ -182,6 +246,7 @@ async def _publish(
                             )
                         else:
                             await publisher.publish(parse_request(doc))
+                        run.confirmed += 1
                         return
                     except Exception:  # noqa: BLE001 - broker restarting: try again
                         await asyncio.sleep(1.0)
@@ -203,7 +268,7 @@ async def _quiet(run: ChaosRun, valid_ids: set[str], poison: int) -> bool:
     if stored < len(valid_ids) or unsent:
         return False
     try:
-        connection = await aio_pika.connect(run.amqp_url)
+        connection = await tls.connect_broker(run.amqp_url, name="chaos-quiet")
     except Exception:  # noqa: BLE001 - broker restarting
         return False
     async with connection:
@@ -216,7 +281,8 @@ async def _quiet(run: ChaosRun, valid_ids: set[str], poison: int) -> bool:
         )
 
 
-async def run_scenario(scenario: Scenario, db: ChaosDatabase) -> Row:
+async def run_scenario(scenario: Scenario, db: ChaosDatabase, cluster: Any = None) -> Row:
+    """One scenario on a fresh vhost of the local broker, or on `cluster`'s default vhost."""
     started = time.monotonic()
     valid = generate_requests(
         scenario.requests, seed=hash(scenario.name) % 10_000, id_prefix=f"chaos-{scenario.name}"
@@ -224,9 +290,10 @@ async def run_scenario(scenario: Scenario, db: ChaosDatabase) -> Row:
     rng = random.Random(scenario.name)
     poison = [rng.choice(valid) for _ in range(int(scenario.requests * scenario.poison_rate))]
     duplicates = rng.sample(valid, int(scenario.requests * scenario.duplicate_rate))
-    with infra.fresh_vhost() as amqp_url:
+    broker = infra.fresh_vhost() if cluster is None else contextlib.nullcontext(cluster.url)
+    with broker as amqp_url:
         vhost = amqp_url.rsplit("/", 1)[1]
-        run = ChaosRun(scenario, amqp_url, vhost, db, await db.fresh_database())
+        run = ChaosRun(scenario, amqp_url, vhost, db, await db.fresh_database(), cluster)
         emulator = spawn(
             [
                 "emulator",
@@ -242,13 +309,19 @@ async def run_scenario(scenario: Scenario, db: ChaosDatabase) -> Row:
             run.log_path("emulator"),
         )
         run.pool = await asyncpg.create_pool(run.database_url, min_size=1, max_size=2)
-        events_connection = await aio_pika.connect_robust(amqp_url)
+        events_connection = await tls.connect_broker(amqp_url, name="chaos-events")
         try:
             wait_http_ok(f"http://127.0.0.1:{run.qnn_port}/api/v1/health/simple", process=emulator)
             channel = await events_connection.channel()
             await topology.declare(channel)
-            events_q = await channel.declare_queue(EVENTS_QUEUE, durable=True)
+            # On a cluster, quorum: the subscriber's queue must outlive the node loss too.
+            queue_args = None if cluster is None else {"x-queue-type": "quorum"}
+            events_q = await channel.declare_queue(
+                run.events_queue, durable=True, arguments=queue_args
+            )
             await events_q.bind(topology.EVENTS_EXCHANGE, routing_key="run.#")
+            if scenario.prepare is not None:
+                await scenario.prepare(run)
             run.start_worker()
             publishing = asyncio.create_task(_publish(run, valid, poison, duplicates))
             if scenario.fault is not None:
@@ -258,7 +331,10 @@ async def run_scenario(scenario: Scenario, db: ChaosDatabase) -> Row:
             deadline = time.monotonic() + scenario.deadline_s
             while not await _quiet(run, valid_ids, len(poison)):
                 if time.monotonic() > deadline:
-                    run.notes.append("FAIL timed out waiting for every request to settle")
+                    run.notes.append(
+                        f"FAIL timed out waiting for every request to settle "
+                        f"({run.confirmed} publishes confirmed, {await run.stored()} stored)"
+                    )
                     break
                 if not run.workers:
                     run.start_worker()
@@ -276,6 +352,7 @@ async def run_scenario(scenario: Scenario, db: ChaosDatabase) -> Row:
             await events_connection.close()
     row.seconds = round(time.monotonic() - started, 1)
     row.notes = run.notes
+    row.recover_s = run.recover_s
     return row
 
 
@@ -295,10 +372,10 @@ async def _count(run: ChaosRun, valid_ids: set[str], poison: int) -> Row:
     event_ids: set[str] = set()
     duplicate_events = 0
     # A fresh connection: the scenario's own may have been among those the faults closed.
-    connection = await aio_pika.connect(run.amqp_url)
+    connection = await tls.connect_broker(run.amqp_url, name="chaos-count")
     async with connection:
         channel = await connection.channel()
-        events_q = await channel.declare_queue(EVENTS_QUEUE, passive=True)
+        events_q = await channel.declare_queue(run.events_queue, passive=True)
         while (message := await events_q.get(no_ack=True, fail=False)) is not None:
             event = orjson.loads(message.body)
             if event["event_id"] in event_ids:
@@ -321,6 +398,7 @@ async def _count(run: ChaosRun, valid_ids: set[str], poison: int) -> Row:
         duplicate_events=duplicate_events,
         lost=len(valid_ids - stored_ids),
         seconds=0.0,
+        events=len(event_ids),
     )
 
 
@@ -335,6 +413,26 @@ def format_table(rows: list[Row]) -> str:
             f"| {r.scenario} | {r.published} | {r.completed} | {r.failed} | {r.expired} "
             f"| {r.dead_lettered} | {r.poison} | {r.duplicate_runs} | {r.duplicate_events} "
             f"| {r.lost} | {r.seconds} | {'pass' if r.passed else 'FAIL'} |"
+        )
+    notes = [f"- {r.scenario}: {n}" for r in rows for n in r.notes]
+    return "\n".join(lines + (["", *notes] if notes else []))
+
+
+def format_cluster_table(rows: list[Row]) -> str:
+    """The cluster scenarios' rows, as docs/reliability.md shows them."""
+    lines = [
+        "| scenario | published | stored | duplicate runs | duplicate events | lost "
+        "| seconds to recover | result |",
+        "|" + "---|" * 8,
+    ]
+    for r in rows:
+        stored = r.completed + r.failed + r.expired
+        ratio = 100.0 * r.duplicate_events / r.events if r.events else 0.0
+        recover = "-" if r.recover_s is None else f"{r.recover_s:g}"
+        lines.append(
+            f"| {r.scenario} | {r.published} | {stored} | {r.duplicate_runs} "
+            f"| {r.duplicate_events} of {r.events} ({ratio:.1f} %) | {r.lost} | {recover} "
+            f"| {'pass' if r.passed else 'FAIL'} |"
         )
     notes = [f"- {r.scenario}: {n}" for r in rows for n in r.notes]
     return "\n".join(lines + (["", *notes] if notes else []))

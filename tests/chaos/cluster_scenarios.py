@@ -1,0 +1,71 @@
+"""Scenarios on a 3-node RabbitMQ cluster of the suite's own (tests/cluster.py), issue 13.
+
+Each loses one node mid-run and keeps it down until the scenario ends; the node is started again
+before the next scenario. Every row must show 0 lost and 0 duplicate runs; duplicate event
+deliveries are counted and must stay within 5 % of the events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from contracts.topology import REQUESTS_QUEUE
+from tests.chaos.runner import ChaosRun, Scenario
+
+DUPLICATE_EVENTS_MAX = 0.05
+
+
+async def kill_worker_node(run: ChaosRun) -> None:
+    """kill -9 of the node the worker is connected to."""
+    await run.until_stored(0.3)
+    node = run.cluster.node_at(run.worker_node())
+    at = await run.stored()
+    mark = run.mark()
+    run.cluster.kill(node)
+    run.notes.append(f"kill -9 of {node.name} (the worker's node) at {at} stored")
+    await run.until_recovered(mark, within_s=45)
+
+
+async def find_leader(run: ChaosRun) -> None:
+    run.target = await asyncio.to_thread(run.cluster.leader, REQUESTS_QUEUE)
+
+
+async def stop_quorum_leader(run: ChaosRun) -> None:
+    """A graceful stop (rabbitmqctl stop) of the node leading eglo.requests."""
+    node = run.target
+    await run.until_stored(0.3)
+    at = await run.stored()
+    hit = run.worker_node() == node.address
+    mark = run.mark()
+    stopping = asyncio.create_task(asyncio.to_thread(run.cluster.stop, node))
+    while node.process.poll() is None and not stopping.done():  # noqa: ASYNC110 - a process
+        await asyncio.sleep(0.02)  # progress counts from when the node is really gone
+    await run.until_recovered(mark, reconnect=hit, within_s=45)
+    await stopping
+    where = "also the worker's node" if hit else "not the worker's node"
+    run.notes.append(f"stop of {node.name} (leader of {REQUESTS_QUEUE}, {where}) at {at} stored")
+
+
+def cluster_scenarios(requests: int) -> list[Scenario]:
+    env = {"EGLO_RETRY_DELAYS_S": "[1, 3, 5]"}
+    # Paced, so the fault lands with work still to do and the recovery shows in the stored count.
+    rate = 40.0
+    return [
+        Scenario(
+            "cluster-kill-worker-node",
+            requests,
+            kill_worker_node,
+            worker_env=env,
+            publish_rate=rate,
+            deadline_s=60,
+        ),
+        Scenario(
+            "cluster-stop-quorum-leader",
+            requests,
+            stop_quorum_leader,
+            worker_env=env,
+            prepare=find_leader,
+            publish_rate=rate,
+            deadline_s=60,
+        ),
+    ]
