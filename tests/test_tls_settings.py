@@ -148,3 +148,13 @@ def test_explain_fills_in_the_default_port() -> None:
         "TLS to the broker at rabbit:5671 failed: the server did not answer in TLS: is this its "
         "TLS port?"
     )
+
+
+def test_explain_names_every_host_of_a_multi_host_database_url() -> None:
+    """libpq's form for a primary and its standby (issue 13): no single port to name."""
+    error = ssl.SSLError(1, "[SSL: WRONG_VERSION_NUMBER] wrong version number")
+    url = "postgresql://u:p@pg-0:5432,pg-1:5433/eglo?target_session_attrs=read-write"
+    assert str(explain(error, url, server="Postgres", setting="EGLO_DATABASE")) == (
+        "TLS to Postgres at pg-0:5432,pg-1:5433 failed: the server did not answer in TLS: is "
+        "this its TLS port?"
+    )

@@ -13,7 +13,7 @@ import ssl
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import SplitResult, parse_qsl, urlencode, urlsplit, urlunsplit
 
 from aio_pika.abc import AbstractRobustConnection
 
@@ -99,6 +99,7 @@ def explain(exc: BaseException, url: str, *, server: str, setting: str) -> TlsEr
     text = " ".join(str(e) for e in chain)
     upper = text.upper() + str(getattr(ssl_error, "reason", "") or "").upper()
     parts = urlsplit(url)
+    where = _where(parts)
     query = _query(url)
     ca_key, cert_key, default_ca = _URL_KEYS[setting]
     ca = query.get(ca_key) or f"unset: {default_ca}"
@@ -106,7 +107,7 @@ def explain(exc: BaseException, url: str, *, server: str, setting: str) -> TlsEr
     set_cert = f"set {setting}_CERT_FILE and {setting}_KEY_FILE"
     if isinstance(ssl_error, ssl.SSLCertVerificationError):
         if ssl_error.verify_code in (62, 64):  # X509_V_ERR_HOSTNAME_MISMATCH, _IP_ADDRESS_MISMATCH
-            hint = f"the certificate does not name {parts.hostname} in its subjectAltName"
+            hint = f"the certificate does not name {where[0]} in its subjectAltName"
         else:
             hint = f"it is not signed by a CA in {setting}_CA_FILE ({ca})"
         detail = str(ssl_error.verify_message).rstrip(".")
@@ -144,8 +145,18 @@ def explain(exc: BaseException, url: str, *, server: str, setting: str) -> TlsEr
             )
     else:
         return None
-    port = parts.port or _DEFAULT_PORTS.get(parts.scheme.lower(), 5432)
-    return TlsError(f"TLS to {server} at {parts.hostname}:{port} failed: {message}")
+    return TlsError(f"TLS to {server} at {where[1]} failed: {message}")
+
+
+def _where(parts: SplitResult) -> tuple[str, str]:
+    """The host, and host:port, for the message. A libpq multi-host URL (`h1:5432,h2:5432`, a
+    primary and its standby) has no single host or port: its hosts are named together."""
+    default = _DEFAULT_PORTS.get(parts.scheme.lower(), 5432)
+    try:
+        return str(parts.hostname), f"{parts.hostname}:{parts.port or default}"
+    except ValueError:
+        hosts = parts.netloc.rpartition("@")[2]
+        return hosts, hosts
 
 
 def _uses_tls(url: str) -> bool:
