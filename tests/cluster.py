@@ -190,6 +190,25 @@ class RabbitCluster:
                         return next(n for n in self.nodes if n.name == parts[1])
         raise RuntimeError(f"no leader found for {queue}")
 
+    def wait_replicated(self, queues: list[str], timeout_s: float = 30.0) -> None:
+        """Until each quorum queue has a member online on every running node (a fault before that
+        would test the cluster's start, not eglo)."""
+        import json
+
+        want = {n.name for n in self.running()}
+        deadline = time.monotonic() + timeout_s
+        seen: dict[str, list[str]] = {}
+        while time.monotonic() < deadline:
+            with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired, ValueError):
+                out = self.ctl(
+                    self.running()[0], "list_queues", "name", "online", "--formatter", "json"
+                )
+                seen = {q["name"]: q["online"] for q in json.loads(out or "[]")}
+                if all(set(seen.get(q) or []) >= want for q in queues):
+                    return
+            time.sleep(0.5)
+        raise RuntimeError(f"quorum queues not replicated on {sorted(want)}: {seen}")
+
     def kill(self, node: Node) -> None:
         """kill -9 of the node's VM: the hard loss."""
         if node.pid is not None:

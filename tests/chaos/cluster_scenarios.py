@@ -8,8 +8,9 @@ deliveries are counted and must stay within 5 % of the events.
 from __future__ import annotations
 
 import asyncio
+import time
 
-from contracts.topology import REQUESTS_QUEUE
+from contracts.topology import DEAD_LETTER_QUEUE, REQUESTS_QUEUE
 from tests.chaos.runner import ChaosRun, Scenario
 
 DUPLICATE_EVENTS_MAX = 0.05
@@ -26,7 +27,14 @@ async def kill_worker_node(run: ChaosRun) -> None:
     await run.until_recovered(mark, within_s=45)
 
 
+async def replicated(run: ChaosRun) -> None:
+    """Every quorum queue of the scenario has its 3 members online before the fault."""
+    queues = [REQUESTS_QUEUE, DEAD_LETTER_QUEUE, run.events_queue]
+    await asyncio.to_thread(run.cluster.wait_replicated, queues)
+
+
 async def find_leader(run: ChaosRun) -> None:
+    await replicated(run)
     run.target = await asyncio.to_thread(run.cluster.leader, REQUESTS_QUEUE)
 
 
@@ -56,6 +64,7 @@ def cluster_scenarios(requests: int) -> list[Scenario]:
             requests,
             kill_worker_node,
             worker_env=env,
+            prepare=replicated,
             publish_rate=rate,
             deadline_s=60,
         ),
@@ -68,4 +77,43 @@ def cluster_scenarios(requests: int) -> list[Scenario]:
             publish_rate=rate,
             deadline_s=60,
         ),
+    ]
+
+
+async def kill_primary_promote_standby(run: ChaosRun) -> None:
+    """kill -9 of the Postgres primary at 30%, the standby promoted 1 s later (tests/pg_pair.py);
+    the worker's EGLO_DATABASE_URL names both, with target_session_attrs=read-write."""
+    import asyncpg
+
+    pair = run.db
+    await run.until_stored(0.3)
+    started = time.monotonic()
+    pair.kill_primary()
+    await asyncio.sleep(1.0)
+    # Synchronous replication: the standby has every commit the primary acknowledged.
+    standby = await asyncpg.connect(pair.standby_url(run.database_url))
+    try:
+        at = int(await standby.fetchval("SELECT count(*) FROM optimization_runs"))
+    finally:
+        await standby.close()
+    await asyncio.to_thread(pair.promote)
+    run.notes.append(f"primary killed at {at} stored, standby promoted 1 s later")
+    while await run.stored() <= at:
+        if time.monotonic() - started > 60:
+            run.notes.append("FAIL no run stored within 60 s of the promotion")
+            return
+        await asyncio.sleep(0.05)
+    run.recover_s = round(time.monotonic() - started, 1)
+
+
+def failover_scenarios(requests: int) -> list[Scenario]:
+    return [
+        Scenario(
+            "postgres-failover",
+            requests,
+            kill_primary_promote_standby,
+            worker_env={"EGLO_RETRY_DELAYS_S": "[1, 3, 5]"},
+            publish_rate=40.0,
+            deadline_s=60,
+        )
     ]
