@@ -1,6 +1,7 @@
 """`python -m tests.chaos [--short] [--cluster] [--only NAME]`: run the scenarios, print the table.
 
-`--cluster`: the RabbitMQ cluster scenarios of issue 13 instead, on 3 nodes of the suite's own.
+`--cluster`: the scenarios of issue 13 instead: a Postgres primary lost and its standby promoted
+(tests/pg_pair.py), then the RabbitMQ cluster scenarios on 3 nodes of the suite's own.
 """
 
 from __future__ import annotations
@@ -18,11 +19,22 @@ from worker import logs
 
 
 async def main_cluster(short: bool, only: list[str]) -> list[Row]:
-    from tests.chaos.cluster_scenarios import cluster_scenarios
+    from tests.chaos.cluster_scenarios import cluster_scenarios, failover_scenarios
     from tests.cluster import rabbit_cluster
+    from tests.pg_pair import pg_pair
 
-    chosen = [s for s in cluster_scenarios(200 if short else 2000) if not only or s.name in only]
+    size = 200 if short else 2000
+    chosen = [s for s in cluster_scenarios(size) if not only or s.name in only]
     rows = []
+    infra.ensure_local_rabbitmq()
+    for scenario in failover_scenarios(size):  # Postgres primary lost, standby promoted
+        if only and scenario.name not in only:
+            continue
+        print(f"running {scenario.name} ({scenario.requests} requests)...", file=sys.stderr)
+        with pg_pair() as pair:
+            row = await run_scenario(scenario, pair)  # type: ignore[arg-type]
+        print(format_cluster_table([row]), file=sys.stderr)
+        rows.append(row)
     with chaos_database() as db, rabbit_cluster() as cluster:
         for scenario in chosen:
             for node in cluster.nodes:  # the previous scenario's lost node comes back first
