@@ -4,8 +4,8 @@ Safe with many workers: each batch is claimed with FOR UPDATE SKIP LOCKED, and o
 broker confirmed are marked published; anything else is re-sent later with the same event_id.
 
 After a broker node is lost, what was sent but not confirmed is sent again (consumers dedupe by
-event_id). To keep that small, a batch goes out `window` events at a time, each window's confirms
-awaited before the next is sent: at most `window` events are ever unconfirmed. The relay waits
+event_id). To keep that small, at most `window` events are unconfirmed at any moment (a sliding
+window: the next event of the batch goes out when one is confirmed). The relay waits
 for a usable channel before it claims rows, and gives up on a batch's confirms after
 `confirm_timeout_s`, so a relay cut off from its broker never holds rows another worker could
 send.
@@ -51,7 +51,7 @@ class OutboxRelay:
         batch: int,
         poll_s: float,
         retention_h: float = 24.0,
-        window: int = 64,
+        window: int = 16,
         confirm_timeout_s: float = 5.0,
     ) -> None:
         self._pool = pool
@@ -124,30 +124,27 @@ class OutboxRelay:
             rows = await conn.fetch(_CLAIM, self._batch)
             if not rows:
                 return 0, 0
-            deadline = asyncio.get_running_loop().time() + self._confirm_timeout_s
             failures: list[BaseException] = []
-            for start in range(0, len(rows), self._window):
-                window = rows[start : start + self._window]
-                left = deadline - asyncio.get_running_loop().time()
-                if left <= 0 or channel.is_closed:
-                    failures.append(TimeoutError("channel closed or confirm time spent"))
-                    break
-                try:
-                    async with asyncio.timeout(left):
-                        outcomes = await asyncio.gather(
-                            *(self._publish(channel, r) for r in window), return_exceptions=True
-                        )
-                except TimeoutError as exc:
-                    failures.append(exc)
-                    break
-                published += [
-                    r
-                    for r, o in zip(window, outcomes, strict=True)
-                    if not isinstance(o, BaseException)
-                ]
-                failures += [o for o in outcomes if isinstance(o, BaseException)]
-                if failures:
-                    break  # the channel is likely gone: leave the rest for the next attempt
+            slots = asyncio.Semaphore(self._window)
+
+            async def send(row: Any) -> None:
+                # A sliding window: the next event goes as soon as one is confirmed. After a
+                # failure nothing more is sent; the rest wait for the next attempt.
+                async with slots:
+                    if failures or channel.is_closed:
+                        raise _NotSent
+                    try:
+                        await self._publish(channel, row)
+                    except BaseException as exc:
+                        failures.append(exc)
+                        raise
+                    published.append(row)
+
+            try:
+                async with asyncio.timeout(self._confirm_timeout_s):
+                    await asyncio.gather(*(send(r) for r in rows), return_exceptions=True)
+            except TimeoutError as exc:
+                failures.append(exc)
             if failures:
                 log.warning(
                     "outbox.publish.unconfirmed",
@@ -190,6 +187,10 @@ class OutboxRelay:
                 properties=properties,
                 wait=False,
             )
+
+
+class _NotSent(Exception):
+    """Left for the relay's next attempt: an earlier event of the batch failed."""
 
 
 def _event_type(row: Any) -> str:

@@ -127,7 +127,7 @@ class Settings(BaseSettings):
         default=None, description="PEM private key of database_cert_file (libpq sslkey)."
     )
     outbox_window: int = Field(
-        default=64,
+        default=16,
         ge=1,
         description="Most outbox events awaiting a broker confirm at once: after a node is lost, "
         "at most this many events are sent twice.",
