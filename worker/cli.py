@@ -156,6 +156,26 @@ def cmd_db_url(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_api(args: argparse.Namespace) -> int:
+    from worker import logs
+    from worker.api.auth import TokenFileError
+    from worker.api.server import load_tokens, main_error, run_api
+
+    settings = _setup(args)
+    if args.host:
+        settings.api_host = args.host
+    if args.port is not None:
+        settings.api_port = args.port
+    try:
+        tokens = load_tokens(settings)
+    except TokenFileError as exc:
+        return main_error(str(exc))
+    keys = (settings.qnn_api_key, settings.embedder_api_key)
+    secrets = tuple(s.get_secret_value() for s in keys if s is not None) + tokens.tokens
+    logs.configure(settings.log_level, json=settings.log_json, secrets=secrets)
+    return _run(run_api(settings, tokens))
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from worker.demo import run_demo
 
@@ -479,6 +499,11 @@ def build_parser() -> argparse.ArgumentParser:
     q = events_sub.add_parser("tail", help="follow eglo.events live through a temporary queue")
     add_tail_arguments(q)
     q.set_defaults(func=cmd_events_tail)
+
+    p = sub.add_parser("api", help="the HTTP API (OpenAPI 3.1 at /openapi.json)")
+    p.add_argument("--host", help="override EGLO_API_HOST")
+    p.add_argument("--port", type=int, help="override EGLO_API_PORT")
+    p.set_defaults(func=cmd_api)
 
     p = sub.add_parser("demo", help="emulator + worker + a sample batch, then a summary")
     p.add_argument("--count", type=int, default=200)

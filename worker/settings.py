@@ -92,6 +92,15 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_json: bool = True
 
+    # `eglo api` (worker/api): the HTTP API.
+    api_host: str = "0.0.0.0"
+    api_port: int = Field(default=8080, ge=0, le=65535)
+    api_tokens_file: Path | None = Field(
+        default=None, description="Bearer tokens, one `name role token` a line; required."
+    )
+    api_max_wait_s: float = Field(default=30.0, gt=0, le=300, description="Bound on `?wait=`.")
+    api_db_pool_size: int = Field(default=4, ge=1)
+
     @model_validator(mode="after")
     def _key_from_file(self) -> Settings:
         if self.qnn_api_key is None and self.qnn_api_key_file is not None:

@@ -1,0 +1,40 @@
+"""`eglo api`: the API under uvicorn, until SIGTERM."""
+
+from __future__ import annotations
+
+import sys
+
+import uvicorn
+
+from worker.api.app import create_app
+from worker.api.auth import TokenFileError, TokenTable
+from worker.settings import Settings
+
+
+def load_tokens(settings: Settings) -> TokenTable:
+    if settings.api_tokens_file is None:
+        raise TokenFileError("EGLO_API_TOKENS_FILE is not set: the API admits no one without it")
+    tokens = TokenTable.load(settings.api_tokens_file)
+    if not len(tokens):
+        raise TokenFileError(f"{settings.api_tokens_file} holds no tokens")
+    return tokens
+
+
+async def run_api(settings: Settings, tokens: TokenTable) -> int:
+    config = uvicorn.Config(
+        create_app(settings, tokens),
+        host=settings.api_host,
+        port=settings.api_port,
+        log_config=None,  # eglo's logging; the access log has paths, never headers or tokens
+        lifespan="on",
+        proxy_headers=True,
+        timeout_graceful_shutdown=int(settings.api_max_wait_s) + 5,
+    )
+    server = uvicorn.Server(config)
+    await server.serve()
+    return 0 if server.started else 1
+
+
+def main_error(message: str) -> int:
+    print(f"eglo api: {message}", file=sys.stderr)
+    return 2
