@@ -16,6 +16,7 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Annotated, Any, Final
 
+import aiormq
 import httpx
 import orjson
 import structlog
@@ -262,6 +263,9 @@ def create_app(settings: Settings, tokens: TokenTable, *, state: ApiState | None
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:
+            # FastAPI's answer to a JSON body it cannot decode: a body that does not validate.
+            return _problem_response(ApiError(422, "invalid_json", str(exc.detail)))
         reason = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         return _problem_response(
             ApiError(exc.status_code, reason or f"http_{exc.status_code}", str(exc.detail))
@@ -603,13 +607,18 @@ def create_app(settings: Settings, tokens: TokenTable, *, state: ApiState | None
         "/dead-letters",
         tags=["dead letters"],
         response_model=list[DeadLetterView],
-        responses={**AUTH_ERRORS},
+        responses={**AUTH_ERRORS, 503: _doc("The broker is unreachable.")},
     )
     async def list_dead_letters(
         state: State, _: Reader, limit: Annotated[int, Query(ge=1, le=1000)] = 100
     ) -> list[DeadLetterView]:
         """A look at `eglo.requests.dlq`; the letters stay where they are."""
-        letters = await dlq.list_dead_letters(settings.amqp_url.get_secret_value(), limit=limit)
+        try:
+            letters = await dlq.list_dead_letters(
+                settings.amqp_url.get_secret_value(), limit=limit
+            )
+        except BROKER_ERRORS as exc:
+            raise _broker_down(exc) from None
         return [
             DeadLetterView(
                 message_id=d.message_id,
@@ -626,7 +635,7 @@ def create_app(settings: Settings, tokens: TokenTable, *, state: ApiState | None
         "/dead-letters/replay",
         tags=["dead letters"],
         response_model=ReplayResult,
-        responses={**AUTH_ERRORS},
+        responses={**AUTH_ERRORS, 503: _doc("The broker is unreachable.")},
     )
     async def replay_dead_letters(
         command: Annotated[ReplayCommand, Body()], state: State, principal: Operator
@@ -640,6 +649,9 @@ def create_app(settings: Settings, tokens: TokenTable, *, state: ApiState | None
             )
             details.update(replayed=replayed, kept=kept)
             outcome = "ok"
+        except BROKER_ERRORS as exc:
+            outcome = "broker_unavailable"
+            raise _broker_down(exc) from None
         finally:
             await queries.audit(
                 state.pool,
@@ -694,6 +706,27 @@ def create_app(settings: Settings, tokens: TokenTable, *, state: ApiState | None
             report.model_dump(mode="json"), status_code=503 if status == "down" else 200
         )
 
+    @app.get("/healthz", tags=["health"], response_model=dict[str, str])
+    async def healthz() -> dict[str, str]:
+        """Liveness: the process answers (no token, no dependencies)."""
+        return {"status": "alive"}
+
+    @app.get(
+        "/readyz",
+        tags=["health"],
+        response_model=dict[str, str],
+        responses={503: {"model": dict[str, str], "description": "Broker or database down."}},
+    )
+    async def readyz(state: State) -> Response:
+        """Readiness: the broker connection is open and the database answers."""
+        broker, database = await asyncio.gather(
+            _probe(lambda: _broker_check(state)), _probe(lambda: _database_check(state))
+        )
+        ready = broker.state == database.state == "up"
+        return JSONResponse(
+            {"status": "ready" if ready else "not ready"}, status_code=200 if ready else 503
+        )
+
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             document = get_openapi(
@@ -712,6 +745,14 @@ def create_app(settings: Settings, tokens: TokenTable, *, state: ApiState | None
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+BROKER_ERRORS: Final = (aiormq.exceptions.AMQPError, OSError, TimeoutError)
+
+
+def _broker_down(exc: BaseException) -> ApiError:
+    log.warning("api.broker.unavailable", error=repr(exc)[:300])
+    return ApiError(503, "broker_unavailable", f"the broker is unreachable: {type(exc).__name__}")
 
 
 def _render_png(run: plots.RunData) -> bytes:
