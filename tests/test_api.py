@@ -74,25 +74,20 @@ async def test_submit_and_wait_answers_the_stored_run(
     assert await pool.fetchval("SELECT submitted_by FROM api_submissions") == "sam"
 
 
-@pytest.mark.parametrize(
-    ("path", "request_type"),
-    [
+async def test_every_submit_route_runs_its_type(client: httpx.AsyncClient) -> None:
+    for path, request_type in (
         ("/storage-optimize", "storage"),
         ("/grid-switch-optimize", "grid_switch"),
         ("/simulate", "simulation"),
-    ],
-)
-async def test_every_submit_route_runs_its_type(
-    client: httpx.AsyncClient, path: str, request_type: str
-) -> None:
-    response = await client.post(
-        f"{path}?wait=15", json=sample(request_type), headers=bearer(SUBMITTER)
-    )
-    assert response.status_code == 200, response.text
-    assert (response.json()["request_type"], response.json()["status"]) == (
-        request_type,
-        "completed",
-    )
+    ):
+        response = await client.post(
+            f"{path}?wait=15", json=sample(request_type), headers=bearer(SUBMITTER)
+        )
+        assert response.status_code == 200, response.text
+        run = response.json()
+        assert (run["request_type"], run["status"]) == (request_type, "completed"), path
+        plot = await client.get(run["links"]["plot"], headers=bearer(READER))
+        assert (plot.status_code, plot.headers["content-type"]) == (200, "image/png"), path
 
 
 async def test_accepted_then_pending_then_stored(settings: Settings) -> None:

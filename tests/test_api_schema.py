@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
+import pytest
 import uvicorn
 
 from tests.api_support import OPERATOR, empty_api_tables, tokens
@@ -56,8 +57,17 @@ async def serving(settings: Settings) -> AsyncIterator[str]:
             sock.close()
 
 
+@pytest.fixture
+def workdirs(tmp_path: Path) -> Path:
+    """Working directories for the two schemathesis runs: their caches (.schemathesis/) go
+    there, not into the repository."""
+    for name in ("reading", "submitting"):
+        (tmp_path / name).mkdir()
+    return tmp_path
+
+
 async def test_schemathesis_finds_no_5xx_and_no_schema_mismatch(
-    amqp_url: str, database_url: str, pool: asyncpg.Pool, emulator: str
+    amqp_url: str, database_url: str, pool: asyncpg.Pool, emulator: str, workdirs: Path
 ) -> None:
     await empty_api_tables(pool)
     # ?wait is bounded at 0.5 s here: fuzzed requests the QNN emulator fails on are retried for
@@ -71,6 +81,7 @@ async def test_schemathesis_finds_no_5xx_and_no_schema_mismatch(
         reading, submitting = await asyncio.gather(
             _schemathesis(
                 base_url,
+                workdirs / "reading",
                 "examples,coverage,fuzzing" if full else "examples,fuzzing",
                 "--exclude-tag",
                 "submit",
@@ -78,7 +89,13 @@ async def test_schemathesis_finds_no_5xx_and_no_schema_mismatch(
                 "15",
             ),
             _schemathesis(
-                base_url, "examples,fuzzing", "--include-tag", "submit", "--max-examples", "15"
+                base_url,
+                workdirs / "submitting",
+                "examples,fuzzing",
+                "--include-tag",
+                "submit",
+                "--max-examples",
+                "15",
             ),
         )
     out = ROOT / ".eglo" / "conformance"
@@ -88,7 +105,9 @@ async def test_schemathesis_finds_no_5xx_and_no_schema_mismatch(
     assert submitting[0] == 0, submitting[1][-6000:]
 
 
-async def _schemathesis(base_url: str, phases: str, *selection: str) -> tuple[int | None, str]:
+async def _schemathesis(
+    base_url: str, workdir: Path, phases: str, *selection: str
+) -> tuple[int | None, str]:
     process = await asyncio.create_subprocess_exec(
         str(Path(sys.executable).parent / "schemathesis"),
         "run",
@@ -109,6 +128,7 @@ async def _schemathesis(base_url: str, phases: str, *selection: str) -> tuple[in
         "--no-color",
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
+        cwd=workdir,
     )
     output, _ = await process.communicate()
     return process.returncode, output.decode(errors="replace")
