@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+from types import FrameType
 
 import uvicorn
 
@@ -20,6 +22,16 @@ def load_tokens(settings: Settings) -> TokenTable:
     return tokens
 
 
+class _Server(uvicorn.Server):
+    """SIGTERM is how a pod is stopped: shut down gracefully, then exit 0. (uvicorn re-raises a
+    captured signal after its shutdown, which would end the process killed by SIGTERM.)"""
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        if sig == signal.SIGTERM:
+            self._captured_signals = [s for s in self._captured_signals if s != signal.SIGTERM]
+
+
 async def run_api(settings: Settings, tokens: TokenTable) -> int:
     config = uvicorn.Config(
         create_app(settings, tokens),
@@ -30,7 +42,7 @@ async def run_api(settings: Settings, tokens: TokenTable) -> int:
         proxy_headers=True,
         timeout_graceful_shutdown=int(settings.api_max_wait_s) + 5,
     )
-    server = uvicorn.Server(config)
+    server = _Server(config)
     await server.serve()
     return 0 if server.started else 1
 
