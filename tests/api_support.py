@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
 import httpx
+import uvicorn
 
 from producers.sample import generate_requests
 from worker.api.app import create_app
@@ -56,3 +59,27 @@ def sample(request_type: str, *, seed: int = 3, prefix: str = "api") -> dict[str
         if doc["request_type"] == request_type:
             return doc
     raise LookupError(request_type)
+
+
+@contextlib.asynccontextmanager
+async def serving(settings: Settings) -> AsyncIterator[str]:
+    """The API under a real uvicorn in this event loop; yields its base URL."""
+    async with ApiState.open(settings) as state:
+        app = create_app(settings, tokens(), state=state)
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        server = uvicorn.Server(
+            uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
+        )
+        task = asyncio.create_task(server.serve(sockets=[sock]))
+        while not server.started:
+            if task.done():
+                task.result()
+            await asyncio.sleep(0.02)
+        try:
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            server.should_exit = True
+            await task
+            sock.close()

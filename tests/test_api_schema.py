@@ -5,23 +5,16 @@ status, content type and body match the document."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import socket
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
 import pytest
-import uvicorn
 
-from tests.api_support import OPERATOR, empty_api_tables, tokens
+from tests.api_support import OPERATOR, empty_api_tables, serving
 from tests.conftest import make_settings
 from tests.harness import running_worker
-from worker.api.app import create_app
-from worker.api.state import ApiState
-from worker.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKS = (
@@ -31,30 +24,6 @@ CHECKS = (
     "response_headers_conformance",
     "response_schema_conformance",
 )
-
-
-@contextlib.asynccontextmanager
-async def serving(settings: Settings) -> AsyncIterator[str]:
-    """The API under a real uvicorn in this event loop; yields its base URL."""
-    async with ApiState.open(settings) as state:
-        app = create_app(settings, tokens(), state=state)
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-        server = uvicorn.Server(
-            uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
-        )
-        task = asyncio.create_task(server.serve(sockets=[sock]))
-        while not server.started:
-            if task.done():
-                task.result()
-            await asyncio.sleep(0.02)
-        try:
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            server.should_exit = True
-            await task
-            sock.close()
 
 
 @pytest.fixture

@@ -8,16 +8,12 @@ is refused here with `422` and the same `reason` and `rule`. An accepted request
 
 import asyncio
 import contextlib
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import date, datetime
-from pathlib import Path
 from typing import Annotated, Any, Final
 
-import aiormq
-import httpx
 import orjson
 import structlog
 from fastapi import Body, Depends, FastAPI, Header, Query, Request, Security
@@ -40,8 +36,9 @@ from contracts.requests import (
 from contracts.schemas import PublishedSchema
 from contracts.topology import request_routing_key
 from contracts.vocabulary import RequestType, RunStatus, Severity
-from worker import dlq, monitoring, plots, scoring, similarity
-from worker.api import queries
+from worker import plots, scoring, similarity
+from worker.api import actions, console, queries
+from worker.api.actions import ApiError
 from worker.api.auth import Principal, Role, TokenTable
 from worker.api.models import (
     Accepted,
@@ -88,23 +85,6 @@ RequestIdPath = Annotated[
     str,
     PathParam(min_length=1, max_length=128, pattern=REQUEST_ID_PATTERN, description="request_id"),
 ]
-
-
-class ApiError(Exception):
-    def __init__(
-        self,
-        status: int,
-        reason: str,
-        detail: str,
-        *,
-        rule: str | None = None,
-        request_id: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.problem = Problem(reason=reason, rule=rule, detail=detail, request_id=request_id)
-        self.headers = headers
 
 
 def _problem_response(error: ApiError) -> JSONResponse:
@@ -299,15 +279,21 @@ def create_app(settings: Settings, tokens: TokenTable, *, state: ApiState | None
         request_type: RequestType,
         wait: float,
         idempotency_key: str | None,
+        raw: bytes | None = None,
     ) -> Response:
+        """Publish one request. `raw` is the body (the console's form); None: the request's."""
         limit = settings.max_body_bytes
-        raw = await _read_body(request, limit)
+        content_type = (
+            "application/json" if raw is not None else request.headers.get("content-type")
+        )
+        if raw is None:
+            raw = await _read_body(request, limit)
         if raw is None:
             raise ApiError(422, "body_too_large", f"more than {limit} bytes, limit {limit}")
         body, request_id = _complete(raw, request_type, idempotency_key)
         parsed = parse_request(
             body,
-            request.headers.get("content-type"),
+            content_type,
             max_bytes=limit,
             routing_key=request_routing_key(request_type),
         )
@@ -549,7 +535,7 @@ def create_app(settings: Settings, tokens: TokenTable, *, state: ApiState | None
             run = await plots.fetch_run(state.pool, row["run_id"])
         except plots.RunNotPlottable as exc:
             raise ApiError(409, "not_plottable", str(exc), request_id=request_id) from None
-        png = await asyncio.to_thread(_render_png, run)
+        png = await asyncio.to_thread(actions.render_png, run)
         return Response(png, media_type="image/png", headers={"Cache-Control": "max-age=60"})
 
     @app.get(
@@ -583,25 +569,7 @@ def create_app(settings: Settings, tokens: TokenTable, *, state: ApiState | None
     )
     async def resolve_anomaly(anomaly_id: uuid.UUID, state: State, principal: Operator) -> Resolved:
         """Mark an anomaly resolved (on the QNN too when it is the QNN's). Audited."""
-        outcome = "ok"
-        try:
-            source = await monitoring.resolve_anomaly(state.pool, state.qnn, str(anomaly_id))
-        except monitoring.AnomalyNotFound as exc:
-            outcome = "not_found"
-            raise ApiError(404, "not_found", str(exc)) from None
-        except httpx.HTTPError as exc:
-            outcome = f"qnn_error: {type(exc).__name__}"
-            raise ApiError(502, "qnn_unavailable", f"the QNN did not resolve it: {exc}") from None
-        finally:
-            await queries.audit(
-                state.pool,
-                principal,
-                "anomaly.resolve",
-                target=str(anomaly_id),
-                details={},
-                outcome=outcome,
-            )
-        return Resolved(anomaly_id=anomaly_id, source=source)
+        return await actions.resolve_anomaly(state, principal, anomaly_id)
 
     @app.get(
         "/dead-letters",
@@ -613,23 +581,7 @@ def create_app(settings: Settings, tokens: TokenTable, *, state: ApiState | None
         state: State, _: Reader, limit: Annotated[int, Query(ge=1, le=1000)] = 100
     ) -> list[DeadLetterView]:
         """A look at `eglo.requests.dlq`; the letters stay where they are."""
-        try:
-            letters = await dlq.list_dead_letters(
-                settings.amqp_url.get_secret_value(), limit=limit
-            )
-        except BROKER_ERRORS as exc:
-            raise _broker_down(exc) from None
-        return [
-            DeadLetterView(
-                message_id=d.message_id,
-                routing_key=d.routing_key,
-                reason=d.reason,
-                detail=d.detail,
-                body_preview=d.body_preview,
-                size=d.size,
-            )
-            for d in letters
-        ]
+        return await actions.dead_letters(state, limit)
 
     @app.post(
         "/dead-letters/replay",
@@ -641,27 +593,9 @@ def create_app(settings: Settings, tokens: TokenTable, *, state: ApiState | None
         command: Annotated[ReplayCommand, Body()], state: State, principal: Operator
     ) -> ReplayResult:
         """Re-publish dead letters (of one reason, or all) to `eglo.requests`. Audited."""
-        details: dict[str, Any] = command.model_dump()
-        outcome = "error"
-        try:
-            replayed, kept = await dlq.replay_dead_letters(
-                settings.amqp_url.get_secret_value(), reason=command.reason, limit=command.limit
-            )
-            details.update(replayed=replayed, kept=kept)
-            outcome = "ok"
-        except BROKER_ERRORS as exc:
-            outcome = "broker_unavailable"
-            raise _broker_down(exc) from None
-        finally:
-            await queries.audit(
-                state.pool,
-                principal,
-                "dead_letters.replay",
-                target=command.reason,
-                details=details,
-                outcome=outcome,
-            )
-        return ReplayResult(replayed=replayed, kept=kept)
+        return await actions.replay_dead_letters(
+            state, principal, reason=command.reason, limit=command.limit
+        )
 
     @app.get(
         "/accuracy",
@@ -706,6 +640,8 @@ def create_app(settings: Settings, tokens: TokenTable, *, state: ApiState | None
             report.model_dump(mode="json"), status_code=503 if status == "down" else 200
         )
 
+    console.mount(app, tokens=tokens, submit=submit, run_view=run_view)
+
     @app.get("/healthz", tags=["health"], response_model=dict[str, str])
     async def healthz() -> dict[str, str]:
         """Liveness: the process answers (no token, no dependencies)."""
@@ -745,20 +681,6 @@ def create_app(settings: Settings, tokens: TokenTable, *, state: ApiState | None
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
-
-
-BROKER_ERRORS: Final = (aiormq.exceptions.AMQPError, OSError, TimeoutError)
-
-
-def _broker_down(exc: BaseException) -> ApiError:
-    log.warning("api.broker.unavailable", error=repr(exc)[:300])
-    return ApiError(503, "broker_unavailable", f"the broker is unreachable: {type(exc).__name__}")
-
-
-def _render_png(run: plots.RunData) -> bytes:
-    with tempfile.TemporaryDirectory(prefix="eglo-plot-") as folder:
-        out = plots.render(run, Path(folder) / "run.png")
-        return out.read_bytes()
 
 
 async def _probe(check: Callable[[], Awaitable[str | None]]) -> Component:
