@@ -86,6 +86,10 @@ async def test_console_signs_in_checks_roles_and_csrf(settings: Settings) -> Non
         )
         assert refused.status_code == 422
         assert "invalid_json" in refused.text
+        odd = await client.get("/console/runs", params={"region": "a\x00b", "from": "junk"})
+        assert odd.status_code == 200 and "no control ones" in odd.text
+        assert (await client.get("/console/runs/a%00b")).status_code == 404
+        assert (await client.get("/console/runs/a%00b/plot.png")).status_code == 404
         assert (await client.get("/console/accuracy")).status_code == 200
         assert (await client.get("/console/anomalies")).status_code == 200
         assert COOKIE in client.cookies
@@ -142,6 +146,17 @@ async def test_console_in_a_browser(settings: Settings, amqp_url: str, pool: asy
         assert await plot.evaluate("img => img.naturalWidth") > 400
         await page.screenshot(path=str(SHOTS / "forecast-run.png"), full_page=True)
         request_id = page.url.rsplit("/", 1)[1]
+
+        # A storage run from the example of its type.
+        await page.goto(f"{base_url}/console/submit?type=storage")
+        await page.click("#send")
+        await page.wait_for_url(re.compile(r".*/console/runs/api-[0-9a-f]+$"), timeout=20_000)
+        assert await page.inner_text("#status") == "completed"
+        await page.wait_for_function(
+            "document.querySelector('#plot').complete"
+            " && document.querySelector('#plot').naturalWidth > 0"
+        )
+        await page.screenshot(path=str(SHOTS / "storage-run.png"), full_page=True)
 
         await page.goto(f"{base_url}/console/runs")
         assert request_id in await page.inner_text("#runs")

@@ -9,6 +9,7 @@ apply as to the JSON routes; the operator actions are the same audited functions
 import asyncio
 import hashlib
 import hmac
+import re
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import date
@@ -41,6 +42,10 @@ _SUBMIT_TYPES: Final[dict[str, RequestType]] = {t: t for t in REQUEST_TYPES}
 
 Submit = Callable[..., Awaitable[Response]]
 RunView = Callable[[Request, ApiState, Any], Awaitable[dict[str, Any]]]
+
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+_LABEL = re.compile(r"^[^\u0000-\u001f\u007f]{1,64}$")
 
 
 def csrf_token(token: str) -> str:
@@ -172,6 +177,9 @@ def mount(app: FastAPI, *, tokens: TokenTable, submit: Submit, run_view: RunView
         error = None
         items: list[Any] = []
         next_cursor = None
+        if filters["region"] and not _LABEL.fullmatch(filters["region"]):
+            filters["region"] = None
+            error = "A region has 1 to 64 characters, no control ones. "
         try:
             items, next_cursor = await queries.list_runs(
                 state_of(request).pool,
@@ -186,7 +194,7 @@ def mount(app: FastAPI, *, tokens: TokenTable, submit: Submit, run_view: RunView
                 limit=50,
             )
         except (queries.InvalidCursor, ValueError) as exc:
-            error = str(exc)
+            error = (error or "") + str(exc)
         next_url = None
         if next_cursor:
             kept = {k: v for k, v in filters.items() if v}
@@ -209,9 +217,17 @@ def mount(app: FastAPI, *, tokens: TokenTable, submit: Submit, run_view: RunView
         if isinstance(who, Response):
             return who
         state = state_of(request)
-        row = await queries.run_row(state.pool, request_id)
+        row = (
+            await queries.run_row(state.pool, request_id)
+            if _REQUEST_ID.fullmatch(request_id)
+            else None
+        )
         if row is None:
-            pending = await queries.pending(state.pool, request_id)
+            pending = (
+                await queries.pending(state.pool, request_id)
+                if _REQUEST_ID.fullmatch(request_id)
+                else None
+            )
             if pending is None:
                 return page(
                     request,
@@ -247,6 +263,8 @@ def mount(app: FastAPI, *, tokens: TokenTable, submit: Submit, run_view: RunView
         if isinstance(who, Response):
             return who
         state = state_of(request)
+        if not _REQUEST_ID.fullmatch(request_id):
+            return Response(status_code=404)
         row = await queries.run_row(state.pool, request_id)
         if row is None:
             return Response(status_code=404)
