@@ -1,9 +1,10 @@
 """Bearer tokens with roles, read from `EGLO_API_TOKENS_FILE`.
 
-The file has one token per line, `name role token` separated by white space (`#` starts a
-comment). Roles are ordered: `reader` < `submitter` < `operator`; a route asks for the least role
-it needs. A presented token is compared with every known one in constant time (hmac), so timing
-tells nothing about which prefix matched. Tokens are never logged: only the name is kept.
+The file has one token per line, `name role token` separated by white space; a line starting
+with `#` is a comment. Roles are ordered: `reader` < `submitter` < `operator`; a route asks for
+the least role it needs. A presented token is compared with every known one in constant time
+(hmac, over SHA-256 digests), so timing tells nothing about which one matched. Tokens are never
+logged: only the name is kept.
 """
 
 from __future__ import annotations
@@ -56,8 +57,8 @@ class TokenTable:
         entries: list[tuple[str, Role, str]] = []
         names: set[str] = set()
         for number, raw in enumerate(text.splitlines(), 1):
-            line = raw.split("#", 1)[0].strip()
-            if not line:
+            line = raw.strip()
+            if not line or line.startswith("#"):  # only whole-line comments: a token may hold #
                 continue
             parts = line.split()
             if len(parts) != 3:
