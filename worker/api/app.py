@@ -316,7 +316,6 @@ def create_app(settings: Settings, tokens: TokenTable, *, state: ApiState | None
                     request_id=request_id,
                 )
             return JSONResponse(await run_view(request, state, existing), status_code=200)
-        await queries.record_submission(state.pool, request_id, request_type, principal)
         correlation_id = uuid.uuid4().hex
         reply = state.replies.expect(correlation_id) if wait > 0 else None
         try:
@@ -334,6 +333,8 @@ def create_app(settings: Settings, tokens: TokenTable, *, state: ApiState | None
                     "the broker did not confirm the request; send it again (same request_id)",
                     request_id=request_id,
                 ) from None
+            # Recorded once the broker has it: a refused publish leaves no "pending" behind.
+            await queries.record_submission(state.pool, request_id, request_type, principal)
             log.info("api.submitted", request_id=request_id, by=principal.name, wait=wait)
             if reply is not None:
                 with contextlib.suppress(TimeoutError):
