@@ -1,5 +1,6 @@
 # One image for every eglo process: `eglo worker` (default), `eglo embedder`, `eglo migrate`,
 # `eglo emulator`. Build from the repository root:  docker build -t eglo:dev .
+# With podman or buildah add --format docker: the default OCI format drops HEALTHCHECK.
 
 ARG PYTHON_IMAGE=python:3.11-slim
 
@@ -23,14 +24,18 @@ ENV PATH=/opt/venv/bin:$PATH
 
 WORKDIR /src
 
-# Dependencies first, from pyproject.toml alone, so a code-only change reuses this layer.
-COPY pyproject.toml ./
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
-    && pip install -r /tmp/requirements.txt
+# Dependencies first, from the lock alone, so a code-only change reuses this layer: exact
+# versions with their hashes (`make lock` writes it from pyproject.toml), so two builds a week
+# apart install the same files. Runtime dependencies only: the demo extra (matplotlib, the
+# embedded Postgres) stays out of the image.
+COPY requirements.lock ./
+RUN pip install --require-hashes --no-deps -r requirements.lock
 
 # Then the code, installed as a regular (non-editable) package: the final image needs no source.
+# pip check: the lock covers every dependency pyproject.toml declares.
 COPY . .
 RUN pip install --no-deps . \
+    && pip check \
     && eglo --help > /dev/null
 
 # ---- runtime: the venv and nothing else -------------------------------------------------------
@@ -43,8 +48,8 @@ RUN groupadd --system --gid 10001 eglo \
 
 COPY --from=builder /opt/venv /opt/venv
 
-# EGLO_DATA_DIR matters only without EGLO_DATABASE_URL (embedded Postgres for demos): it must be
-# writable by the eglo user.
+# The image has no embedded Postgres (demo extra): EGLO_DATABASE_URL must be set. EGLO_DATA_DIR
+# (demo and chaos logs) must be writable by the eglo user.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \

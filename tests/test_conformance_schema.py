@@ -310,6 +310,13 @@ async def test_what_the_schema_accepts_the_worker_accepts(
     assert {r["request_id"] for r in stored} == {valid[c]["request_id"] for c in accepted}
     assert all(r["n"] == 1 for r in stored)
 
+    figures["failed_runs_by_error"] = {
+        r["error_code"]: r["n"]
+        for r in await pool.fetch(
+            "SELECT error_code, count(*) AS n FROM optimization_runs WHERE status = 'failed' "
+            "GROUP BY error_code"
+        )
+    }
     save_figures("schema", figures)
     assert not problems, "\n".join(problems[:20])
     assert sum(figures["accepted"].values()) > 0 and figures["mutants"]

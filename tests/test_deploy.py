@@ -365,12 +365,23 @@ def test_compose_services_and_start_order(compose: dict[str, Any]) -> None:
         assert depends["rabbitmq"]["condition"] == "service_healthy", name
         grace = int(services[name]["stop_grace_period"].removesuffix("s"))
         assert grace > DEFAULT_SHUTDOWN_GRACE_S, name
+        if name == "worker":  # drain + outbox flush, then the documented ~10 s margin
+            flush = Settings.model_fields["outbox_flush_timeout_s"].default
+            drain = float(services[name]["environment"]["EGLO_SHUTDOWN_GRACE_S"])
+            assert grace - (drain + flush) >= 10, name
     for name, service in services.items():
         for dependency, spec in service.get("depends_on", {}).items():
             if spec["condition"] == "service_healthy":
                 has_check = "healthcheck" in services[dependency]
                 built = "build" in services[dependency]  # the image's own HEALTHCHECK
                 assert has_check or built, f"{name} waits for {dependency}'s missing healthcheck"
+
+
+def test_compose_publishes_ports_on_loopback_only(compose: dict[str, Any]) -> None:
+    # Default credentials (eglo/eglo, admin/admin) must not face the network.
+    for name, service in compose["services"].items():
+        for port in service.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), f"{name}: {port} listens on all interfaces"
 
 
 def test_compose_mounts_exist_and_enable_plugins(compose: dict[str, Any]) -> None:
@@ -504,6 +515,17 @@ def test_deployments_probe_drain_and_run_unprivileged(
         assert refs == {"eglo-config", "eglo-secrets"}, name
     worker = next(d for d in deployments if d["metadata"]["name"] == "eglo-worker")
     assert "replicas" not in worker["spec"], "KEDA owns the worker's replica count"
+    # The documented shutdown: drain (EGLO_SHUTDOWN_GRACE_S) + outbox flush, ~10 s before SIGKILL.
+    flush = float(
+        config["data"].get(
+            "EGLO_OUTBOX_FLUSH_TIMEOUT_S",
+            Settings.model_fields["outbox_flush_timeout_s"].default,
+        )
+    )
+    margin = worker["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] - (
+        configured_grace + flush
+    )
+    assert margin >= 10, f"only {margin} s between the outbox flush and SIGKILL"
 
 
 def test_configmap_settings_are_real_and_valid(
@@ -547,6 +569,25 @@ def test_migrate_job(k8s_docs: dict[str, list[dict[str, Any]]]) -> None:
     assert pod["containers"][0]["args"] == ["migrate"]
     assert pod["restartPolicy"] in ("OnFailure", "Never")
     assert pod["securityContext"]["runAsNonRoot"] is True
+    # A finished Job cleans up after itself, so the next apply (new image) is not refused.
+    assert 0 < job["spec"]["ttlSecondsAfterFinished"] <= 3600
+
+
+def test_deployments_wait_for_the_schema(k8s_docs: dict[str, list[dict[str, Any]]]) -> None:
+    """Deploy order: each Deployment's init container runs `eglo migrate --check --wait`, which
+    the CLI accepts, with the same configuration as the container it holds back."""
+    from worker.cli import build_parser
+
+    for deployment in by_kind(kustomized(k8s_docs), "Deployment"):
+        name = deployment["metadata"]["name"]
+        pod = deployment["spec"]["template"]["spec"]
+        [init] = pod["initContainers"]
+        assert init["args"][:2] == ["migrate", "--check"], name
+        args = build_parser().parse_args(init["args"])
+        assert args.check and args.wait >= 60, name
+        assert init["image"] == pod["containers"][0]["image"], name
+        assert init["envFrom"] == pod["containers"][0]["envFrom"], name
+        assert init["securityContext"]["allowPrivilegeEscalation"] is False, name
 
 
 def test_keda_scales_the_worker_on_the_requests_queue(

@@ -11,20 +11,21 @@ import asyncio
 import contextlib
 import functools
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
-import aio_pika
 import aiormq
 import asyncpg
 import structlog
 from aio_pika.abc import AbstractRobustConnection
 
-from db.pool import create_pool, database_url
-from worker import http, topology
+from db.migrate import WORKER_PRIVILEGES
+from db.pool import connect, create_pool, database_url
+from worker import http, tls, topology
 from worker.breaker import CircuitBreaker, State
 from worker.consumer import Consumer
 from worker.datasets import resolve_request
+from worker.gates import BrokerWatch, DatabaseGate
 from worker.metrics import Metrics
 from worker.outbox import OutboxRelay
 from worker.pipeline import Pipeline
@@ -55,9 +56,10 @@ async def open_resources(settings: Settings) -> AsyncIterator[Resources]:
     aiormq.Connection.FRAME_BUFFER_SIZE = AMQP_FRAME_BUFFER
     pool = await create_pool(database_url(settings), size=settings.db_pool_size)
     try:
-        connection = await aio_pika.connect_robust(
-            settings.amqp_url.get_secret_value(),
-            client_properties={"connection_name": "eglo-worker"},
+        connection = await tls.connect_broker(
+            tls.amqp_url(settings),
+            name="eglo-worker",
+            reconnect_interval=settings.amqp_reconnect_interval_s,
         )
         try:
             yield Resources(pool, connection)
@@ -117,6 +119,11 @@ class Worker:
                     if settings.score_forecasts
                     else None
                 )
+                gate = DatabaseGate(
+                    lambda: connect(database_url(settings)),
+                    WORKER_PRIVILEGES,
+                    interval_s=settings.db_check_interval_s,
+                )
                 consumer = Consumer(
                     Pipeline(
                         settings,
@@ -125,26 +132,52 @@ class Worker:
                         metrics,
                         datasets=functools.partial(resolve_request, res.pool),
                         on_forecast=scorer.note if scorer is not None else None,
+                        db_gate=gate,
                     ),
                     consume_channel,
                     publish_channel,
                     metrics,
                 )
+                broker = BrokerWatch(res.connection, metrics)
+                switching = asyncio.Lock()
+
+                async def follow() -> None:
+                    """Consume while the database and the QNN can take work, else pause."""
+                    async with switching:
+                        if self.stop_requested.is_set():
+                            return
+                        try:
+                            if gate.is_open and breaker.state is not State.OPEN:
+                                await consumer.start()
+                            else:
+                                await consumer.pause()
+                        except Exception as exc:  # noqa: BLE001 - retried on the next change
+                            log.warning("consumer.switch_failed", error=repr(exc)[:200])
 
                 async def follow_breaker(state: State) -> None:
                     metrics.breaker_state.set(state.value)
-                    if self.stop_requested.is_set():
-                        return
-                    if state is State.OPEN:
-                        await consumer.pause()
-                    else:
-                        await consumer.start()
+                    await follow()
+
+                async def follow_gate() -> None:
+                    metrics.db_gate_open.set(1 if gate.is_open else 0)
+                    if gate.is_open:
+                        # Connections opened before a migration lack its types' codecs.
+                        await res.pool.expire_connections()
+                    await follow()
 
                 breaker.subscribe(follow_breaker)
+                gate.subscribe(follow_gate)
+                broker.subscribe(follow)
 
                 def ready() -> tuple[bool, str]:
-                    if res.connection.is_closed:
-                        return False, "broker connection closed"
+                    if (problem := broker.problem()) is not None:
+                        return False, problem
+                    if consume_channel.is_closed:
+                        return False, "consume channel closed"
+                    if gate.problem is not None:
+                        return False, gate.problem
+                    if breaker.state is State.OPEN:
+                        return False, "QNN circuit open"
                     if not consumer.consuming:
                         return False, "not consuming"
                     if consumer.unsettled:
@@ -155,17 +188,33 @@ class Worker:
                     http.build_app(metrics, ready), settings.metrics_host, settings.metrics_port
                 )
                 store.start()
-                relay_task = asyncio.create_task(relay.run(), name="outbox-relay")
+                relay_started = asyncio.Event()
+
+                async def after_gate(name: str, work: Callable[[], Awaitable[None]]) -> None:
+                    # Nothing to poll before the schema exists: wait, quietly.
+                    await gate.wait_open()
+                    if name == "outbox-relay":
+                        relay_started.set()
+                    await work()
+
+                relay_task = asyncio.create_task(
+                    after_gate("outbox-relay", relay.run), name="outbox-relay"
+                )
                 background = [
                     asyncio.create_task(
                         _watch_queues(res.connection, metrics, _queue_names(settings)),
                         name="queue-watch",
-                    )
+                    ),
+                    asyncio.create_task(gate.run(), name="db-gate"),
                 ]
                 if scorer is not None:
-                    background.append(asyncio.create_task(scorer.run(), name="scorer"))
+                    background.append(
+                        asyncio.create_task(after_gate("scorer", scorer.run), name="scorer")
+                    )
                 try:
-                    await consumer.start()
+                    if await gate.check() is not None:
+                        log.warning("worker.waiting_for_database", reason=gate.problem)
+                    await follow()
                     log.info(
                         "worker.started",
                         metrics_port=self.metrics_port,
@@ -190,8 +239,13 @@ class Worker:
                     for task in background:
                         task.cancel()
                     relay.stop()
+                    if not relay_started.is_set():
+                        relay_task.cancel()
                     try:
-                        await asyncio.wait_for(relay_task, timeout=10.0)
+                        await asyncio.wait_for(relay_task, settings.outbox_flush_timeout_s)
+                    except asyncio.CancelledError:
+                        if not relay_task.cancelled():
+                            raise
                     except Exception as exc:  # noqa: BLE001 - unsent events stay in the outbox
                         log.warning("outbox.flush.incomplete", error=repr(exc)[:200])
                     await asyncio.gather(*background, return_exceptions=True)

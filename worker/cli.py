@@ -59,8 +59,43 @@ async def _migrate(settings: Settings) -> int:
     return 0
 
 
+async def _migrate_check(settings: Settings, wait_s: float) -> int:
+    """0 when the schema is current, 1 while migrations are pending (after waiting up to wait_s
+    for them: an init container's gate), 2 when the database cannot be asked (unreachable, or
+    the role may not read schema_migrations: see db/worker_role.sql)."""
+    from db.migrate import schema_status
+    from db.pool import connect, database_url
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_s
+    said = ""
+    while True:
+        try:
+            conn = await asyncio.wait_for(connect(database_url(settings)), timeout=10)
+            try:
+                status = await schema_status(conn)
+            finally:
+                await conn.close()
+            line, code = status.describe(), 0 if status.current else 1
+            if not status.current:
+                line += f" (pending: {', '.join(status.pending)})"
+        except asyncpg.PostgresError as exc:  # e.g. no SELECT on schema_migrations
+            line, code = f"cannot read the schema version: {type(exc).__name__}: {exc}", 2
+        except (OSError, TimeoutError, asyncpg.InterfaceError) as exc:
+            line, code = f"database unreachable: {type(exc).__name__}: {exc}", 2
+        if line != said:
+            print(line, file=sys.stdout if code == 0 else sys.stderr, flush=True)
+            said = line
+        if code == 0 or loop.time() >= deadline:
+            return code
+        await asyncio.sleep(min(2.0, max(0.0, deadline - loop.time())))
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
-    return _run(_migrate(_setup(args)))
+    settings = _setup(args)
+    if args.check:
+        return _run(_migrate_check(settings, args.wait))
+    return _run(_migrate(settings))
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -74,6 +109,7 @@ async def _publish(settings: Settings, args: argparse.Namespace) -> int:
 
     from producers.publisher import Publisher
     from producers.reader import read_requests
+    from worker.tls import amqp_url
 
     stream = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")  # noqa: SIM115, ASYNC230 - read lazily, a line at a time
     bad = 0
@@ -88,7 +124,7 @@ async def _publish(settings: Settings, args: argparse.Namespace) -> int:
                     bad += 1
                     bar.write(f"skipped {item.error}", file=sys.stderr)
 
-        async with Publisher.connect(settings.amqp_url.get_secret_value()) as publisher:
+        async with Publisher.connect(amqp_url(settings)) as publisher:
             report = await publisher.publish_many(
                 good_requests(), rate=args.rate, on_done=lambda: bar.update()
             )
@@ -326,7 +362,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 async def _plot(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.plots import RunNotPlottable, plot_run
+    try:
+        from worker.plots import RunNotPlottable, plot_run
+    except ImportError as exc:  # matplotlib is in the demo extra, not in the image
+        print(f"eglo plot: {exc.name} is not installed (install eglo[demo])", file=sys.stderr)
+        return 2
 
     async with _pool(settings) as pool:
         try:
@@ -382,6 +422,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("migrate", help="apply database migrations (one-shot)")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="apply nothing; exit 0 if the schema is current, 1 while migrations are pending, "
+        "2 if the database cannot be reached",
+    )
+    p.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="with --check: wait up to this long for the schema to become current "
+        "(an init container's gate)",
+    )
     p.set_defaults(func=cmd_migrate)
 
     p = sub.add_parser("worker", help="consume eglo.requests until stopped")
@@ -512,8 +566,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from worker.tls import TlsError
+
     args = build_parser().parse_args(argv)
-    code: int = args.func(args)
+    try:
+        code: int = args.func(args)
+    except TlsError as exc:  # a configuration problem: its message says what to fix
+        import structlog
+
+        structlog.get_logger("eglo").error("tls.refused", command=args.command, error=str(exc))
+        return 1
     return code
 
 

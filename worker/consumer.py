@@ -6,7 +6,10 @@ acked. Delay → a copy with the next attempt number goes to a delay queue, conf
 A decision's reply goes to the request's reply_to, confirmed, before the ack.
 A copy that cannot be published (whatever the headers, whatever the broker says) → reject without
 requeue: the queue's own dead-letter exchange takes the original, with the broker's x-death.
-An unexpected error → reject with requeue; the queue's delivery limit stops an endless loop.
+An unexpected error → reject with requeue; on the delivery the queue's limit would make its last,
+the message is dead-lettered by the consumer instead, as `unexpected_error`, so it carries a
+reason like any other. (A failure that is not the message's, such as the database refusing, never
+gets here: the pipeline waits it out with consumption paused.)
 Anything unsettled when the channel closes (crash, shutdown) is redelivered by the broker; a
 delivery that could not be settled on an open channel makes the worker unready.
 """
@@ -32,10 +35,19 @@ from contracts.topology import (
 )
 from worker import amqp_codec, tracing
 from worker.metrics import Metrics
-from worker.pipeline import Ack, DeadLetter, Decision, Delay, Delivery, Pipeline
+from worker.pipeline import (
+    Ack,
+    DeadLetter,
+    Decision,
+    Delay,
+    Delivery,
+    Pipeline,
+    unexpected_failure,
+)
 from worker.records import Reply
 from worker.topology import (
     DEAD_LETTER_EXCHANGE,
+    DELIVERY_LIMIT,
     REQUESTS_QUEUE,
     delay_queue_name,
     republished_copy,
@@ -44,6 +56,8 @@ from worker.topology import (
 # The content header frame must fit one frame (RabbitMQ's default frame_max, 128 KiB); a larger
 # one makes the broker close the whole connection, so such a copy is never attempted.
 _MAX_HEADER_BYTES = 131072 - 4096
+# Quorum queues count a message's earlier deliveries in this header (absent on the first).
+DELIVERY_COUNT_HEADER = "x-delivery-count"
 
 log = structlog.get_logger(__name__)
 
@@ -59,6 +73,12 @@ def to_delivery(message: AbstractIncomingMessage) -> Delivery:
         correlation_id=message.correlation_id,
         routing_key=message.routing_key,
     )
+
+
+def _deliveries(message: AbstractIncomingMessage) -> int:
+    """This delivery's number: quorum queues count earlier ones in `x-delivery-count`."""
+    previous = (message.headers or {}).get(DELIVERY_COUNT_HEADER, 0)
+    return (previous if isinstance(previous, int) and previous >= 0 else 0) + 1
 
 
 def _published_at(message: AbstractIncomingMessage) -> datetime | None:
@@ -186,8 +206,19 @@ class Consumer:
             decision = await self._pipeline.handle(to_delivery(message))
         except asyncio.CancelledError:
             raise
-        except Exception:
-            log.exception("request.unexpected_error", redelivered=message.redelivered)
+        except Exception as exc:
+            deliveries = _deliveries(message)
+            log.exception(
+                "request.unexpected_error", redelivered=message.redelivered, deliveries=deliveries
+            )
+            self._metrics.unexpected_errors.inc()
+            if deliveries >= DELIVERY_LIMIT:
+                self._metrics.messages.labels(
+                    request_type="unknown", outcome="dead_lettered"
+                ).inc()
+                decision = unexpected_failure(to_delivery(message), exc, deliveries)
+                await self._settle_quietly(self._settle(message, decision))
+                return
             await asyncio.sleep(1.0)  # do not spin on a message that fails every time
             await self._settle_quietly(message.reject(requeue=True))
             return

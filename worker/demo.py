@@ -12,18 +12,18 @@ from db.pool import connect, create_pool, database_url
 from producers.publisher import Publisher
 from producers.reader import parse_request
 from producers.sample import generate_requests
-from worker.plots import save_demo_plots
 from worker.processes import free_port, spawn, stop, wait_http_ok
 from worker.report import format_summary, summary
 from worker.settings import Settings
 from worker.similarity import format_similar, similar_runs
+from worker.tls import amqp_url
 
 
 async def _publish_and_wait(
     settings: Settings, db_url: str, prefix: str, count: int, within_s: float
 ) -> str:
     requests = [parse_request(r) for r in generate_requests(count, seed=7, id_prefix=prefix)]
-    async with Publisher.connect(settings.amqp_url.get_secret_value()) as publisher:
+    async with Publisher.connect(amqp_url(settings)) as publisher:
         report = await publisher.publish_many(requests)
     print(f"published {len(report.confirmed)} requests (confirmed by the broker)")
     conn = await create_pool(db_url, size=2)
@@ -42,8 +42,13 @@ async def _publish_and_wait(
         if done < len(report.confirmed):
             raise SystemExit(f"timed out: only {done} of {len(report.confirmed)} stored\n{table}")
         similar = await _similar_example(conn, prefix, deadline)
-        plots = await save_demo_plots(conn, settings.data_dir / "plots")
-        drawn = "pictures: " + ", ".join(str(p) for p in plots)
+        try:
+            from worker.plots import save_demo_plots
+        except ImportError:  # matplotlib is in the demo extra, not in the image
+            drawn = "pictures: skipped (matplotlib not installed: install eglo[demo])"
+        else:
+            plots = await save_demo_plots(conn, settings.data_dir / "plots")
+            drawn = "pictures: " + ", ".join(str(p) for p in plots)
         return f"{table}\n\n{similar}\n\n{drawn}"
     finally:
         await conn.close()

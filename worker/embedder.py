@@ -8,7 +8,10 @@ commit. Writes are idempotent per (run, model), so a redelivery stores nothing t
 Settling rules: an event that is not JSON or not an `EmbeddingRequested` is dead-lettered to
 `eglo.embeddings.dlq` with a reason header; an event naming a run that does not exist (yet) is
 requeued after `retry_delay_s` and dead-lettered on its `max_attempts`th delivery; a scenario
-the embedder rejects is dead-lettered; a transient failure (database, embeddings API) requeues
+the embedder rejects is dead-lettered; a failure that is not the event's (the database
+unreachable, its schema missing or older than the code, a table gone, a privilege revoked) pauses
+consumption through the database gate (worker/gates.py) and the batch waits, unacked, until the
+database can take it, spending no delivery; any other failure (the embeddings API, say) requeues
 the batch after a pause, and the queue's delivery limit stops an endless loop.
 """
 
@@ -40,8 +43,9 @@ from pydantic import TypeAdapter, ValidationError
 from contracts import wire
 from contracts.events import EMBEDDING_REQUESTED, EmbeddingRequested
 from contracts.topology import DETAIL_HEADER, REASON_HEADER
-from db.pool import create_pool, database_url
-from worker import http
+from db.migrate import EMBEDDER_PRIVILEGES
+from db.pool import connect, create_pool, database_url
+from worker import http, tls
 from worker.embeddings import (
     Embedder,
     EmbeddingRejected,
@@ -49,6 +53,7 @@ from worker.embeddings import (
     make_embedder,
     warm_up_embedder,
 )
+from worker.gates import BrokerWatch, DatabaseGate, is_systemic
 from worker.metrics import DB_BUCKETS, LATENCY_BUCKETS, Metrics
 from worker.settings import Settings
 from worker.topology import (
@@ -203,9 +208,10 @@ class _Unsettled(Exception):
 async def _open(settings: Settings) -> AsyncIterator[tuple[asyncpg.Pool, AbstractRobustConnection]]:
     pool = await create_pool(database_url(settings), size=settings.db_pool_size)
     try:
-        connection = await aio_pika.connect_robust(
-            settings.amqp_url.get_secret_value(),
-            client_properties={"connection_name": "eglo-embedder"},
+        connection = await tls.connect_broker(
+            tls.amqp_url(settings),
+            name="eglo-embedder",
+            reconnect_interval=settings.amqp_reconnect_interval_s,
         )
         try:
             yield pool, connection
@@ -240,6 +246,7 @@ class EmbedderService:
         self._stopping = asyncio.Event()
         self._delayed: set[asyncio.Task[None]] = set()
         self._consumer_tag: str | None = None
+        self._gate: DatabaseGate | None = None
 
     def stop(self) -> None:
         self.stop_requested.set()
@@ -263,11 +270,51 @@ class EmbedderService:
                 await consume_channel.set_qos(prefetch_count=config.prefetch)
                 publish_channel = await connection.channel(publisher_confirms=True)
                 await declare(publish_channel)
-                queue = await consume_channel.get_queue(EMBEDDINGS_QUEUE, ensure=False)
+                # declare_queue, not get_queue: only a queue declared on a robust channel gets
+                # its consumer back after a reconnect.
+                queue = await consume_channel.declare_queue(EMBEDDINGS_QUEUE, passive=True)
+                gate = DatabaseGate(
+                    lambda: connect(database_url(settings)),
+                    EMBEDDER_PRIVILEGES,
+                    interval_s=settings.db_check_interval_s,
+                )
+                self._gate = gate
+                broker = BrokerWatch(connection, self.metrics)
+                switching = asyncio.Lock()
+
+                async def follow() -> None:
+                    """Consume while the database can take the work, else pause."""
+                    async with switching:
+                        if self.stop_requested.is_set():
+                            return
+                        try:
+                            if gate.is_open and self._consumer_tag is None:
+                                self._consumer_tag = await queue.consume(self._on_message)
+                                log.info("embedder.consuming")
+                            elif not gate.is_open and self._consumer_tag is not None:
+                                tag, self._consumer_tag = self._consumer_tag, None
+                                await queue.cancel(tag)
+                                log.info("embedder.paused", reason=gate.problem)
+                        except Exception as exc:  # noqa: BLE001 - retried on the next change
+                            log.warning("consumer.switch_failed", error=repr(exc)[:200])
+
+                async def follow_gate() -> None:
+                    self.metrics.db_gate_open.set(1 if gate.is_open else 0)
+                    if gate.is_open:
+                        # Connections opened before a migration lack its types' codecs.
+                        await pool.expire_connections()
+                    await follow()
+
+                gate.subscribe(follow_gate)
+                broker.subscribe(follow)
 
                 def ready() -> tuple[bool, str]:
-                    if connection.is_closed:
-                        return False, "broker connection closed"
+                    if (problem := broker.problem()) is not None:
+                        return False, problem
+                    if consume_channel.is_closed:
+                        return False, "consume channel closed"
+                    if gate.problem is not None:
+                        return False, gate.problem
                     if self._consumer_tag is None:
                         return False, "not consuming"
                     return True, "consuming"
@@ -282,8 +329,11 @@ class EmbedderService:
                     )
                     for i in range(max(1, config.concurrency))
                 ]
+                gate_task = asyncio.create_task(gate.run(), name="db-gate")
                 try:
-                    self._consumer_tag = await queue.consume(self._on_message)
+                    if await gate.check() is not None:
+                        log.warning("embedder.waiting_for_database", reason=gate.problem)
+                    await follow()
                     log.info(
                         "embedder.started",
                         model=embedder.name,
@@ -298,8 +348,10 @@ class EmbedderService:
                     else:
                         await self.stop_requested.wait()
                     log.info("embedder.stopping", in_flight=self.in_flight)
-                    tag, self._consumer_tag = self._consumer_tag, None
-                    await queue.cancel(tag)
+                    async with switching:
+                        tag, self._consumer_tag = self._consumer_tag, None
+                        if tag is not None:
+                            await queue.cancel(tag)
                     self._stopping.set()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._idle.wait(), settings.shutdown_grace_s)
@@ -307,9 +359,11 @@ class EmbedderService:
                         # Unacked deliveries go back to the queue when the channel closes.
                         log.warning("embedder.drain.timeout", abandoned=self.in_flight)
                 finally:
-                    for task in (*batchers, *self._delayed):
+                    for task in (*batchers, *self._delayed, gate_task):
                         task.cancel()
-                    await asyncio.gather(*batchers, *self._delayed, return_exceptions=True)
+                    await asyncio.gather(
+                        *batchers, *self._delayed, gate_task, return_exceptions=True
+                    )
                     await runner.cleanup()
         finally:
             if owns_embedder:
@@ -414,12 +468,41 @@ class EmbedderService:
                 await asyncio.sleep(config.batch_window_ms / 1000.0)
             while len(batch) < config.batch_max and not self._inbox.empty():
                 batch.append(self._inbox.get_nowait())
+            await self._process_waiting_out_the_database(batch, pool, channel, embedder, em)
+
+    async def _process_waiting_out_the_database(
+        self,
+        batch: list[AbstractIncomingMessage],
+        pool: asyncpg.Pool,
+        channel: AbstractChannel,
+        embedder: Embedder,
+        em: EmbedderMetrics,
+    ) -> None:
+        """A systemic database failure (unreachable, table missing, privilege revoked) pauses
+        consumption through the gate; the batch stays unacked, spends no delivery, and is retried
+        once the gate reopens. Any other failure requeues it after a pause."""
+        while True:
             try:
                 await self._process(batch, pool, channel, embedder, em)
+                return
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # requeued; the queue's delivery limit bounds the loop
+            except Exception as exc:
                 self.metrics.db_errors.labels(operation="embed_batch").inc()
+                gate = self._gate
+                if gate is not None and is_systemic(exc):
+                    log.warning("embedder.batch.waiting", size=len(batch), error=repr(exc)[:300])
+                    gate.report(exc)
+                    if not await self._wait_open(gate):
+                        # Stopping: the channel's close gives them back to the broker.
+                        for message in batch:
+                            self._take(message)
+                        return
+                    batch = [m for m in batch if id(m) in self._open_messages]
+                    if not batch:
+                        return
+                    continue
+                # requeued; the queue's delivery limit bounds the loop
                 log.warning(
                     "embedder.batch.failed",
                     size=len(batch),
@@ -429,6 +512,18 @@ class EmbedderService:
                 for message in batch:
                     if id(message) in self._open_messages:
                         self._requeue_later(message, em, "requeued")
+                return
+
+    async def _wait_open(self, gate: DatabaseGate) -> bool:
+        """Until the gate opens (True) or the service stops (False)."""
+        opened = asyncio.ensure_future(gate.wait_open())
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({opened, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            opened.cancel()
+            stopping.cancel()
+        return gate.is_open and not self._stopping.is_set()
 
     async def _process(
         self,

@@ -11,6 +11,9 @@ from worker.metrics import Metrics
 
 
 def build_app(metrics: Metrics, ready: Callable[[], tuple[bool, str]]) -> web.Application:
+    # eglo_ready mirrors /readyz at every scrape, so alerts see readiness without probing it.
+    metrics.ready.set_function(lambda: 1.0 if ready()[0] else 0.0)
+
     async def metrics_view(_: web.Request) -> web.Response:
         return web.Response(
             body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}

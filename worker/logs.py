@@ -39,8 +39,20 @@ def _orjson_dumps(value: Any, **_: Any) -> bytes:
     return orjson.dumps(value, default=str)
 
 
+def _orjson_text(value: Any, **_: Any) -> str:
+    return orjson.dumps(value, default=str).decode()
+
+
+# The libraries eglo runs on log through the stdlib; their lines are formatted by structlog too.
+LIBRARY_LOGGERS = ("aio_pika", "aiormq", "asyncpg", "aiohttp", "httpx", "httpcore")
+
+
 def configure(level: str = "INFO", *, json: bool = True, secrets: tuple[str, ...] = ()) -> None:
-    logging.basicConfig(format="%(message)s", stream=sys.stderr, level=level.upper())
+    """eglo's own events and every library's log records come out as one stream of JSON lines
+    (`event`, `level`, `timestamp`, and `logger` for a library's), secrets scrubbed."""
+    scrub = _scrubber(secrets)
+    timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
+    _route_stdlib_logging(level, json=json, scrub=scrub, timestamper=timestamper)
     # Per-request INFO lines from the HTTP and AMQP libraries would drown eglo's own events.
     for noisy in ("httpx", "aio_pika", "aiormq"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -53,9 +65,9 @@ def configure(level: str = "INFO", *, json: bool = True, secrets: tuple[str, ...
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            timestamper,
             structlog.processors.format_exc_info,
-            _scrubber(secrets),
+            scrub,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
@@ -66,3 +78,41 @@ def configure(level: str = "INFO", *, json: bool = True, secrets: tuple[str, ...
         ),
         cache_logger_on_first_use=True,
     )
+
+
+def _route_stdlib_logging(
+    level: str,
+    *,
+    json: bool,
+    scrub: structlog.types.Processor,
+    timestamper: structlog.types.Processor,
+) -> None:
+    """One handler on the root logger that renders stdlib records as eglo's lines (aio-pika's
+    "Reconnecting after 5 seconds" was plain text in the middle of the JSON stream)."""
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[
+            structlog.contextvars.merge_contextvars,
+            structlog.stdlib.add_log_level,
+            structlog.stdlib.add_logger_name,
+            timestamper,
+        ],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            scrub,
+            structlog.processors.JSONRenderer(serializer=_orjson_text)
+            if json
+            else structlog.dev.ConsoleRenderer(colors=False),
+        ],
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter)
+    handler.set_name(_HANDLER_NAME)
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if h.get_name() == _HANDLER_NAME]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+
+
+_HANDLER_NAME = "eglo-structlog"

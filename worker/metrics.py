@@ -147,3 +147,31 @@ class Metrics:
         for request_type in REQUEST_TYPES:
             for outcome in OUTCOMES:
                 self.messages.labels(request_type=request_type, outcome=outcome)
+        self.unexpected_errors = Counter(
+            "eglo_unexpected_errors",
+            "Deliveries whose handling raised an unexpected exception (request.unexpected_error): "
+            "requeued, each one spending one of the message's x-delivery-limit deliveries.",
+            registry=r,
+        )
+        self.ready = Gauge(
+            "eglo_ready",
+            "1 while /readyz answers 200, 0 while it answers 503; evaluated at each scrape.",
+            registry=r,
+        )
+        # A labelled counter's first increment is invisible to increase() unless the series
+        # existed before it: alerts on these must see the very first one.
+        for operation in ("write_runs", "outbox_relay", "retry", "embed_batch"):
+            self.db_errors.labels(operation=operation)
+        for decision in ("dead_letter", "delay"):
+            self.settle_fallbacks.labels(decision=decision)
+        self.db_gate_open = Gauge(
+            "eglo_db_gate_open",
+            "1 while the database can take the work (reachable, schema current, privileges "
+            "held); 0 while consumption is paused for it.",
+            registry=r,
+        )
+        self.broker_connected = Gauge(
+            "eglo_broker_connected",
+            "1 while the broker connection and its channels are up; 0 while down or reconnecting.",
+            registry=r,
+        )

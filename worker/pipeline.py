@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-import asyncpg
 import stamina
 import structlog
 from opentelemetry import trace
@@ -25,6 +24,7 @@ from contracts.vocabulary import DeadLetterReason
 from worker import tracing
 from worker.anomalies import Anomaly, detect_run_anomalies
 from worker.datasets import DatasetError, dataset_ref_of
+from worker.gates import DatabaseGate, is_systemic
 from worker.intake import Rejection, identify, parse_request
 from worker.metrics import Metrics
 from worker.qnn import QnnClient, QnnRejected, QnnUnavailable
@@ -35,16 +35,6 @@ from worker.store import RunStore, SaveResult, StoredRun
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
-# Database errors worth waiting out: the server or the network is away, not the data wrong.
-DB_TRANSIENT = (
-    OSError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.AdminShutdownError,
-    asyncpg.TooManyConnectionsError,
-    TimeoutError,
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,8 +96,10 @@ class Pipeline:
         metrics: Metrics,
         datasets: Callable[[AnyRequest], Awaitable[AnyRequest]] | None = None,
         on_forecast: Callable[[ForecastRequest], None] | None = None,
+        db_gate: DatabaseGate | None = None,
     ) -> None:
-        """`datasets` turns a request's dataset_ref into inline history (from energy_datasets)."""
+        """`datasets` turns a request's dataset_ref into inline history (from energy_datasets).
+        `db_gate` is told of systemic database failures, and waited on before retrying them."""
         self._settings = settings
         self._qnn = qnn
         self._store = store
@@ -115,6 +107,7 @@ class Pipeline:
         self._baselines = OperationalBaselines()
         self._datasets = datasets
         self._on_forecast = on_forecast
+        self._db_gate = db_gate
 
     async def handle(self, delivery: Delivery) -> Decision:
         started = time.perf_counter()
@@ -293,23 +286,30 @@ class Pipeline:
         )
 
     async def _with_db_retry(self, op: Callable[..., Awaitable[T]], *args: Any) -> T:
-        """Wait out a database outage: the message stays unacked meanwhile, so nothing is lost."""
+        """Wait out a failure that is not the message's (database unreachable, table missing,
+        privilege revoked): the message stays unacked meanwhile and spends no delivery, the gate
+        pauses consumption, and the operation is retried once the gate reopens."""
         try:
             # The retry machinery costs more than the call itself; enter it only when needed.
             return await op(*args)
-        except DB_TRANSIENT as exc:
-            self._db_transient(exc)
+        except Exception as exc:
+            if not self._db_systemic(exc):
+                raise
         async for attempt in stamina.retry_context(
-            on=self._db_transient, attempts=None, timeout=None, wait_initial=0.2, wait_max=5.0
+            on=self._db_systemic, attempts=None, timeout=None, wait_initial=0.2, wait_max=5.0
         ):
             with attempt:
+                if self._db_gate is not None:
+                    await self._db_gate.wait_open()
                 return await op(*args)
         raise AssertionError("unreachable")
 
-    def _db_transient(self, exc: Exception) -> bool:
-        if isinstance(exc, DB_TRANSIENT):
+    def _db_systemic(self, exc: Exception) -> bool:
+        if is_systemic(exc):
             self._metrics.db_errors.labels(operation="retry").inc()
             log.warning("db.unavailable", error=repr(exc)[:200])
+            if self._db_gate is not None:
+                self._db_gate.report(exc)
             return True
         return False
 
@@ -357,6 +357,17 @@ def _dead_letter(
             request_type=request_type,
         )
     return DeadLetter(reason, detail, rule, reply)
+
+
+def unexpected_failure(delivery: Delivery, exc: BaseException, deliveries: int) -> DeadLetter:
+    """The dead letter for a message that failed with an unexpected error on every one of its
+    deliveries: the queue's limit would dead-letter it anyway, but without a reason."""
+    return _dead_letter(
+        delivery,
+        "unexpected_error",
+        f"failed on {deliveries} deliveries, last with {type(exc).__name__}: {exc}"[:1000],
+        None,
+    )
 
 
 def _outcome(decision: Decision) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, FilePath, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -85,12 +85,47 @@ class Settings(BaseSettings):
     metrics_port: int = Field(default=9108, ge=0, le=65535)
     metrics_host: str = "0.0.0.0"
     shutdown_grace_s: float = Field(default=25.0, ge=0)
+    outbox_flush_timeout_s: float = Field(
+        default=5.0, ge=0, description="After the drain, how long the outbox relay may flush."
+    )
     tracing_enabled: bool = Field(default=False, description="OpenTelemetry spans on/off.")
     otlp_endpoint: str | None = Field(
         default=None, description="OTLP/HTTP traces URL; unset with tracing on: console."
     )
     log_level: str = "INFO"
     log_json: bool = True
+    db_check_interval_s: float = Field(
+        default=1.0,
+        gt=0,
+        description="How often the worker and embedder check the database (schema current, "
+        "tables there, privileges held); consumption pauses while the check fails.",
+    )
+    amqp_reconnect_interval_s: float = Field(
+        default=2.0, gt=0, description="Seconds between reconnect attempts to the broker."
+    )
+
+    amqp_ca_file: FilePath | None = Field(
+        default=None,
+        description="PEM CA bundle the broker's certificate must chain to (amqps:// only); "
+        "unset: the system's trust store.",
+    )
+    amqp_cert_file: FilePath | None = Field(
+        default=None, description="PEM client certificate, for a broker that verifies peers."
+    )
+    amqp_key_file: FilePath | None = Field(
+        default=None, description="PEM private key of amqp_cert_file (unencrypted)."
+    )
+    database_ca_file: FilePath | None = Field(
+        default=None,
+        description="PEM CA bundle the database's certificate must chain to (libpq sslrootcert); "
+        "with no sslmode in database_url, sslmode becomes verify-full.",
+    )
+    database_cert_file: FilePath | None = Field(
+        default=None, description="PEM client certificate for the database (libpq sslcert)."
+    )
+    database_key_file: FilePath | None = Field(
+        default=None, description="PEM private key of database_cert_file (libpq sslkey)."
+    )
 
     # `eglo api` (worker/api): the HTTP API.
     api_host: str = "0.0.0.0"
@@ -106,3 +141,40 @@ class Settings(BaseSettings):
         if self.qnn_api_key is None and self.qnn_api_key_file is not None:
             self.qnn_api_key = SecretStr(self.qnn_api_key_file.read_text().strip())
         return self
+
+    @model_validator(mode="after")
+    def _tls_files_fit_urls(self) -> Settings:
+        amqp_files = (self.amqp_ca_file, self.amqp_cert_file, self.amqp_key_file)
+        scheme = self.amqp_url.get_secret_value().split(":", 1)[0].lower()
+        if any(f is not None for f in amqp_files) and scheme != "amqps":
+            raise ValueError(
+                "EGLO_AMQP_CA_FILE, EGLO_AMQP_CERT_FILE and EGLO_AMQP_KEY_FILE apply to TLS "
+                f"only, and EGLO_AMQP_URL is {scheme}://, not amqps://"
+            )
+        db_files = (self.database_ca_file, self.database_cert_file, self.database_key_file)
+        if any(f is not None for f in db_files):
+            if self.database_url is None:
+                raise ValueError(
+                    "EGLO_DATABASE_CA_FILE, EGLO_DATABASE_CERT_FILE and EGLO_DATABASE_KEY_FILE "
+                    "need EGLO_DATABASE_URL (the embedded database is reached over a local socket)"
+                )
+            mode = _query_value(self.database_url.get_secret_value(), "sslmode")
+            if mode in ("disable", "allow", "prefer"):
+                raise ValueError(
+                    f"EGLO_DATABASE_URL says sslmode={mode}, which does not verify the server: "
+                    "use verify-full (or leave sslmode out) with EGLO_DATABASE_CA_FILE"
+                )
+        for prefix, cert, key in (
+            ("EGLO_AMQP", self.amqp_cert_file, self.amqp_key_file),
+            ("EGLO_DATABASE", self.database_cert_file, self.database_key_file),
+        ):
+            if (cert is None) != (key is None):
+                raise ValueError(f"set both {prefix}_CERT_FILE and {prefix}_KEY_FILE, or neither")
+        return self
+
+
+def _query_value(url: str, key: str) -> str | None:
+    from urllib.parse import parse_qs, urlsplit
+
+    values = parse_qs(urlsplit(url).query).get(key)
+    return values[-1] if values else None

@@ -1,6 +1,7 @@
 """What the JSON routes and the console both do: errors as Problems, the audited operator
 actions (replay, resolve), dead letters, and a run's plot."""
 
+import asyncio
 import tempfile
 import uuid
 from pathlib import Path
@@ -10,7 +11,7 @@ import aiormq
 import httpx
 import structlog
 
-from worker import dlq, monitoring, plots, topology
+from worker import dlq, monitoring, tls, topology
 from worker.api import queries
 from worker.api.auth import Principal
 from worker.api.models import DeadLetterView, Problem, ReplayResult, Resolved
@@ -79,7 +80,7 @@ async def replay_dead_letters(
         replayed, kept = (0, 0)
         if depth:
             replayed, kept = await dlq.replay_dead_letters(
-                state.settings.amqp_url.get_secret_value(), reason=reason, limit=min(limit, depth)
+                tls.amqp_url(state.settings), reason=reason, limit=min(limit, depth)
             )
         details.update(replayed=replayed, kept=kept)
         outcome = "ok"
@@ -107,9 +108,7 @@ async def dead_letter_depth(state: ApiState) -> int:
 
 async def dead_letters(state: ApiState, limit: int) -> list[DeadLetterView]:
     try:
-        letters = await dlq.list_dead_letters(
-            state.settings.amqp_url.get_secret_value(), limit=limit
-        )
+        letters = await dlq.list_dead_letters(tls.amqp_url(state.settings), limit=limit)
     except BROKER_ERRORS as exc:
         raise broker_down(exc) from None
     return [
@@ -125,7 +124,31 @@ async def dead_letters(state: ApiState, limit: int) -> list[DeadLetterView]:
     ]
 
 
-def render_png(run: plots.RunData) -> bytes:
+def plots_module() -> Any:
+    """worker.plots, which needs matplotlib (the `demo` extra, not in the image); without it a
+    plot is answered 501 and the rest of the API works."""
+    try:
+        from worker import plots
+    except ImportError:
+        raise ApiError(
+            501,
+            "plots_unavailable",
+            "drawing runs needs matplotlib: install eglo[demo] where eglo api runs",
+        ) from None
+    return plots
+
+
+async def run_plot(state: ApiState, run_id: uuid.UUID, request_id: str) -> bytes:
+    """A completed run drawn as PNG; 409 for a run with no result to draw."""
+    plots = plots_module()
+    try:
+        run = await plots.fetch_run(state.pool, run_id)
+    except plots.RunNotPlottable as exc:
+        raise ApiError(409, "not_plottable", str(exc), request_id=request_id) from None
+    return await asyncio.to_thread(_render_png, plots, run)
+
+
+def _render_png(plots: Any, run: Any) -> bytes:
     with tempfile.TemporaryDirectory(prefix="eglo-plot-") as folder:
-        out = plots.render(run, Path(folder) / "run.png")
+        out: Path = plots.render(run, Path(folder) / "run.png")
         return out.read_bytes()

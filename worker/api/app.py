@@ -36,7 +36,7 @@ from contracts.requests import (
 from contracts.schemas import PublishedSchema
 from contracts.topology import request_routing_key
 from contracts.vocabulary import RequestType, RunStatus, Severity
-from worker import plots, scoring, similarity
+from worker import scoring, similarity
 from worker.api import actions, console, queries
 from worker.api.actions import ApiError
 from worker.api.auth import Principal, Role, TokenTable
@@ -528,15 +528,12 @@ def create_app(settings: Settings, tokens: TokenTable, *, state: ApiState | None
             **AUTH_ERRORS,
             404: _doc("No such run."),
             409: _doc("The run has no result to draw (failed or expired)."),
+            501: _doc("This installation cannot draw (matplotlib: the eglo[demo] extra)."),
         },
     )
     async def plot_run(request_id: RequestIdPath, state: State, _: Reader) -> Response:
         row = await stored_run(state, request_id)
-        try:
-            run = await plots.fetch_run(state.pool, row["run_id"])
-        except plots.RunNotPlottable as exc:
-            raise ApiError(409, "not_plottable", str(exc), request_id=request_id) from None
-        png = await asyncio.to_thread(actions.render_png, run)
+        png = await actions.run_plot(state, row["run_id"], request_id)
         return Response(png, media_type="image/png", headers={"Cache-Control": "max-age=60"})
 
     @app.get(

@@ -6,7 +6,6 @@ and every form that changes state also carries a token derived from it (CSRF). T
 apply as to the JSON routes; the operator actions are the same audited functions.
 """
 
-import asyncio
 import hashlib
 import hmac
 import re
@@ -24,7 +23,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from contracts.vocabulary import REQUEST_TYPES, RUN_STATUSES, RequestType
 from producers.sample import generate_requests
-from worker import plots, scoring, similarity
+from worker import scoring, similarity
 from worker.api import actions, queries
 from worker.api.actions import ApiError
 from worker.api.auth import Principal, Role, TokenTable
@@ -269,10 +268,9 @@ def mount(app: FastAPI, *, tokens: TokenTable, submit: Submit, run_view: RunView
         if row is None:
             return Response(status_code=404)
         try:
-            run = await plots.fetch_run(state.pool, row["run_id"])
-        except plots.RunNotPlottable:
-            return Response(status_code=409)
-        png = await asyncio.to_thread(actions.render_png, run)
+            png = await actions.run_plot(state, row["run_id"], request_id)
+        except ApiError as exc:
+            return Response(status_code=exc.status)
         return Response(png, media_type="image/png", headers={"Cache-Control": "max-age=60"})
 
     # --- submitting -----------------------------------------------------------------------

@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-import aio_pika
 import asyncpg
 import httpx
 import orjson
@@ -19,7 +18,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from db.pool import create_pool, database_url
 from producers.publisher import Publisher
-from worker import topology
+from worker import tls, topology
 from worker.qnn import make_http_client
 from worker.settings import Settings
 
@@ -86,9 +85,10 @@ class ApiState:
     async def open(cls, settings: Settings) -> AsyncIterator[ApiState]:
         pool = await create_pool(database_url(settings), size=settings.api_db_pool_size)
         try:
-            connection = await aio_pika.connect_robust(
-                settings.amqp_url.get_secret_value(),
-                client_properties={"connection_name": "eglo-api"},
+            connection = await tls.connect_broker(
+                tls.amqp_url(settings),
+                name="eglo-api",
+                reconnect_interval=settings.amqp_reconnect_interval_s,
             )
             async with connection, make_http_client(settings) as qnn:
                 channel = await connection.channel(publisher_confirms=True)
