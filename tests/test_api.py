@@ -309,11 +309,21 @@ async def test_run_list_filters_and_cursor_pages(
     assert (unknown.status_code, unknown.json()["reason"]) == (404, "not_found")
 
 
-async def test_health_reports_each_component(settings: Settings) -> None:
+async def test_health_reports_each_component(settings: Settings, pool: asyncpg.Pool) -> None:
     async with api_client(settings) as client:
         health = (await client.get("/health")).json()
         assert health["status"] == "ok"
         assert {health[c]["state"] for c in ("broker", "database", "qnn")} == {"up"}
+        # A database whose schema is older than the code (0005_api not applied) is not ready.
+        await pool.execute("DELETE FROM schema_migrations WHERE version = '0005_api'")
+        try:
+            response = await client.get("/health")
+            assert response.status_code == 503
+            assert response.json()["database"]["state"] == "down"
+            assert "code needs 0005" in response.json()["database"]["detail"]
+            assert (await client.get("/readyz")).status_code == 503
+        finally:
+            await pool.execute("INSERT INTO schema_migrations (version) VALUES ('0005_api')")
     closed = settings.model_copy(update={"qnn_url": "http://127.0.0.1:9"})
     async with api_client(closed) as client:
         response = await client.get("/health")

@@ -36,6 +36,7 @@ from contracts.requests import (
 from contracts.schemas import PublishedSchema
 from contracts.topology import request_routing_key
 from contracts.vocabulary import RequestType, RunStatus, Severity
+from db.migrate import schema_problem
 from worker import scoring, similarity
 from worker.api import actions, console, queries
 from worker.api.actions import ApiError
@@ -700,8 +701,23 @@ async def _broker_check(state: ApiState) -> str | None:
     return None
 
 
+# What the API needs of each table it touches (db/worker_role.sql grants these and more).
+API_PRIVILEGES: Final[dict[str, tuple[str, ...]]] = {
+    "optimization_runs": ("SELECT",),
+    "qnn_execution_metrics": ("SELECT",),
+    "anomalies": ("SELECT", "UPDATE"),
+    "outbox": ("SELECT",),
+    "api_submissions": ("SELECT", "INSERT"),
+    "audit_log": ("INSERT",),
+}
+
+
 async def _database_check(state: ApiState) -> str | None:
-    await state.pool.fetchval("SELECT 1")
+    """The database answers, its schema is the code's (0005_api applied), privileges held."""
+    async with state.pool.acquire() as conn:
+        problem = await schema_problem(conn, API_PRIVILEGES)
+    if problem is not None:
+        raise RuntimeError(problem)
     return None
 
 
