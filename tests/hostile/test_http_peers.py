@@ -369,7 +369,21 @@ THROTTLE_SETTINGS: dict[str, Any] = dict(
     retry_delays_s=[5.0 * SCALE, 30.0 * SCALE, 300.0 * SCALE],
 )
 
-BEFORE: dict[str, str] = {}
+# This module on main at 1f3ee67, before worker/http_client.py (Python 3.11, loopback, a broker
+# of its own): what main did, for the table's "before" column.
+BEFORE: dict[str, str] = {
+    "429 for 4 s with Retry-After: NaN": "stuck: asyncio.sleep(nan) never returns on 3.11 (3.12+: "
+    "ValueError, unexpected error, dead-lettered by the delivery limit); none completed in 130 s",
+    "429 for 4 s with Retry-After: inf": "capped; 3 completed in 7.6 s",
+    "429 for 4 s with Retry-After: huge": "capped; 3 completed in 6.1 s",
+    "429 for 4 s with Retry-After: garbage": "ignored; 3 completed in 5.2 s",
+    "300 MB chunked body (whitespace, then a valid answer), twice": "read whole (300 MB sent): "
+    "RSS 191 → 1094 MB (+903)",
+    "2 MB gzip body inflating to 2 GiB, twice": "inflated whole: RSS 495 → 10035 MB (+9540), "
+    "/readyz 503 for 5.1 s",
+    "body trickling 1 byte / 0.5 s for 15 s, then the answer, twice": "waited 15.1 s on the "
+    "call (the per-read timeout never fired)",
+}
 
 
 @pytest.mark.parametrize(
