@@ -373,7 +373,7 @@ THROTTLE_SETTINGS: dict[str, Any] = dict(
 # of its own): what main did, for the table's "before" column.
 BEFORE: dict[str, str] = {
     "429 for 4 s with Retry-After: NaN": "stuck: asyncio.sleep(nan) never returns on 3.11 (3.12+: "
-    "ValueError, unexpected error, dead-lettered by the delivery limit); none completed in 130 s",
+    "ValueError, unexpected error, dead-lettered by the delivery limit); 0 of 3 settled in 130 s",
     "429 for 4 s with Retry-After: inf": "capped; 3 completed in 7.6 s",
     "429 for 4 s with Retry-After: huge": "capped; 3 completed in 6.1 s",
     "429 for 4 s with Retry-After: garbage": "ignored; 3 completed in 5.2 s",
