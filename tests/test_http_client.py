@@ -398,3 +398,23 @@ async def test_embedder_over_limit_is_retried_then_unavailable() -> None:
     finally:
         await http.aclose()
     assert reasons == ["too_large", "too_large"]
+
+
+# --------------------------------------------------------------------------- the monitoring calls
+
+
+async def test_monitoring_calls_are_bounded_too() -> None:
+    """`eglo anomalies sync` and `eglo qnn logs` read through the same limits."""
+    from worker import monitoring
+
+    bomb = gzip.compress(bytes(64 << 20))
+    http = _client(lambda _: _streamed(200, bomb, {"Content-Encoding": "gzip"}))
+    limits = CallLimits(max_response_bytes=1 << 20, deadline_s=5.0)
+    try:
+        with pytest.raises(PeerFailure) as failure:
+            await monitoring.sync_anomalies(None, http, limits=limits)  # type: ignore[arg-type]
+        assert failure.value.reason == "too_large"
+        with pytest.raises(PeerFailure):
+            await monitoring.model_logs(http, "m", limits=limits)
+    finally:
+        await http.aclose()
