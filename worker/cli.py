@@ -258,13 +258,14 @@ def cmd_similar(args: argparse.Namespace) -> int:
 async def _anomalies(settings: Settings, args: argparse.Namespace) -> int:
     from db.pool import create_pool, database_url
     from worker import monitoring
-    from worker.qnn import make_http_client
+    from worker.qnn import call_limits, make_http_client
 
+    limits = call_limits(settings)
     pool = await create_pool(database_url(settings), size=2)
     try:
         async with make_http_client(settings) as qnn:
             if args.anomalies_command == "sync":
-                new, known = await monitoring.sync_anomalies(pool, qnn)
+                new, known = await monitoring.sync_anomalies(pool, qnn, limits=limits)
                 print(f"synced QNN anomalies: {new} new, {known} already known")
             elif args.anomalies_command == "list":
                 rows = await monitoring.list_anomalies(
@@ -273,7 +274,9 @@ async def _anomalies(settings: Settings, args: argparse.Namespace) -> int:
                 print(monitoring.format_anomalies(rows))
             else:
                 try:
-                    source = await monitoring.resolve_anomaly(pool, qnn, args.anomaly_id)
+                    source = await monitoring.resolve_anomaly(
+                        pool, qnn, args.anomaly_id, limits=limits
+                    )
                 except monitoring.AnomalyNotFound as exc:
                     print(f"eglo anomalies resolve: {exc}", file=sys.stderr)
                     return 1
@@ -291,10 +294,10 @@ def cmd_anomalies(args: argparse.Namespace) -> int:
 
 async def _qnn_logs(settings: Settings, model_id: str, limit: int) -> int:
     from worker.monitoring import model_logs
-    from worker.qnn import make_http_client
+    from worker.qnn import call_limits, make_http_client
 
     async with make_http_client(settings) as qnn:
-        for entry in (await model_logs(qnn, model_id))[-limit:]:
+        for entry in (await model_logs(qnn, model_id, limits=call_limits(settings)))[-limit:]:
             print(orjson.dumps(entry).decode())
     return 0
 
