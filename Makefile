@@ -34,7 +34,7 @@ demo: install
 
 ## unit: the tests that need no broker, database or emulator (seconds)
 UNIT_TESTS := tests/test_wire.py tests/test_intake.py tests/test_reader.py tests/test_asyncapi.py \
-	tests/test_result_checks.py tests/test_sample.py
+	tests/test_result_checks.py tests/test_sample.py tests/test_api_auth.py
 unit: install
 	$(BIN)/python -m pytest -q $(UNIT_TESTS)
 

@@ -21,3 +21,6 @@ GRANT SELECT ON schema_migrations TO eglo_worker;
 -- Scoring completed forecasts against actuals, and the per-model rollup.
 GRANT SELECT, INSERT, UPDATE ON forecast_scores TO eglo_worker;
 GRANT SELECT, INSERT, UPDATE, DELETE ON model_metrics TO eglo_worker;
+-- `eglo api` (same role): what it accepted, and the operator audit log, append-only.
+GRANT SELECT, INSERT ON api_submissions TO eglo_worker;
+GRANT SELECT, INSERT ON audit_log TO eglo_worker;

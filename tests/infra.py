@@ -51,7 +51,14 @@ def ensure_local_rabbitmq(timeout_s: float = 60.0) -> None:
 
 
 def rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True)
+    # The CLI takes a distribution port from a small range shared by every rabbitmqctl on the
+    # machine; a busy moment refuses it (exit 64), so a few tries before giving up.
+    for attempt in range(5):
+        done = subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True)
+        if done.returncode == 0 or attempt == 4:
+            break
+        time.sleep(0.5 * (attempt + 1))
+    done.check_returncode()
 
 
 @contextlib.contextmanager

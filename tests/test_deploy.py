@@ -492,7 +492,8 @@ def test_deployments_probe_drain_and_run_unprivileged(
     [config] = by_kind(docs, "ConfigMap")
     configured_grace = float(config["data"]["EGLO_SHUTDOWN_GRACE_S"])
     deployments = by_kind(docs, "Deployment")
-    assert {d["metadata"]["name"] for d in deployments} == {"eglo-worker", "eglo-embedder"}
+    names = {d["metadata"]["name"] for d in deployments}
+    assert names == {"eglo-worker", "eglo-embedder", "eglo-api"}
     for deployment in deployments:
         name = deployment["metadata"]["name"]
         pod = deployment["spec"]["template"]["spec"]

@@ -118,3 +118,21 @@ def test_empty_envelope_is_malformed_not_invalid() -> None:
     """`{"success": true, "data": {"prediction": null}}` holds no result: retried, not failed."""
     with pytest.raises(MalformedResponse, match="no result"):
         parse_predict_response("forecast", b'{"success": true, "data": {"prediction": null}}')
+
+
+def test_simulation_scenarios_are_stored_under_canonical_names() -> None:
+    """A scenario answered with an alias (`predictions`) is stored as `forecast`."""
+    docs = generate_requests(40, seed=11)
+    doc = next(
+        r
+        for r in docs
+        if r["request_type"] == "simulation" and r["payload"]["base"]["request_type"] == "forecast"
+    )
+    request = ADAPTER.validate_python(doc)
+    n = request.payload.base.payload.horizon_steps  # type: ignore[union-attr]
+    scenarios = [
+        {"name": s.name, "result": {"predictions": [5.0] * n}}
+        for s in request.payload.scenarios  # type: ignore[union-attr]
+    ]
+    result, _ = check_result(request, {"scenarios": scenarios}, {})
+    assert all(s["result"] == {"forecast": [5.0] * n} for s in result["scenarios"])

@@ -43,6 +43,7 @@ class CircuitBreaker:
         self._callable = asyncio.Event()
         self._callable.set()
         self._listeners: list[Listener] = []
+        self._notifying: set[asyncio.Task[None]] = set()
         self._prober: asyncio.Task[None] | None = None
 
     @property
@@ -89,7 +90,10 @@ class CircuitBreaker:
         else:
             self._callable.set()
         for listener in self._listeners:
-            asyncio.create_task(listener(state))  # noqa: RUF006 - listeners are short and own errors
+            # Kept until done: the loop holds tasks only weakly.
+            task = asyncio.create_task(listener(state))
+            self._notifying.add(task)
+            task.add_done_callback(self._notifying.discard)
 
     async def _probe_until_healthy(self) -> None:
         while self._state is State.OPEN:

@@ -192,6 +192,26 @@ def cmd_db_url(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_api(args: argparse.Namespace) -> int:
+    from worker import logs
+    from worker.api.auth import TokenFileError
+    from worker.api.server import load_tokens, main_error, run_api
+
+    settings = _setup(args)
+    if args.host:
+        settings.api_host = args.host
+    if args.port is not None:
+        settings.api_port = args.port
+    try:
+        tokens = load_tokens(settings)
+    except TokenFileError as exc:
+        return main_error(str(exc))
+    keys = (settings.qnn_api_key, settings.embedder_api_key)
+    secrets = tuple(s.get_secret_value() for s in keys if s is not None) + tokens.tokens
+    logs.configure(settings.log_level, json=settings.log_json, secrets=secrets)
+    return _run(run_api(settings, tokens))
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from worker.demo import run_demo
 
@@ -239,13 +259,14 @@ def cmd_similar(args: argparse.Namespace) -> int:
 async def _anomalies(settings: Settings, args: argparse.Namespace) -> int:
     from db.pool import create_pool, database_url
     from worker import monitoring
-    from worker.qnn import make_http_client
+    from worker.qnn import call_limits, make_http_client
 
+    limits = call_limits(settings)
     pool = await create_pool(database_url(settings), size=2)
     try:
         async with make_http_client(settings) as qnn:
             if args.anomalies_command == "sync":
-                new, known = await monitoring.sync_anomalies(pool, qnn)
+                new, known = await monitoring.sync_anomalies(pool, qnn, limits=limits)
                 print(f"synced QNN anomalies: {new} new, {known} already known")
             elif args.anomalies_command == "list":
                 rows = await monitoring.list_anomalies(
@@ -254,7 +275,9 @@ async def _anomalies(settings: Settings, args: argparse.Namespace) -> int:
                 print(monitoring.format_anomalies(rows))
             else:
                 try:
-                    source = await monitoring.resolve_anomaly(pool, qnn, args.anomaly_id)
+                    source = await monitoring.resolve_anomaly(
+                        pool, qnn, args.anomaly_id, limits=limits
+                    )
                 except monitoring.AnomalyNotFound as exc:
                     print(f"eglo anomalies resolve: {exc}", file=sys.stderr)
                     return 1
@@ -272,10 +295,10 @@ def cmd_anomalies(args: argparse.Namespace) -> int:
 
 async def _qnn_logs(settings: Settings, model_id: str, limit: int) -> int:
     from worker.monitoring import model_logs
-    from worker.qnn import make_http_client
+    from worker.qnn import call_limits, make_http_client
 
     async with make_http_client(settings) as qnn:
-        for entry in (await model_logs(qnn, model_id))[-limit:]:
+        for entry in (await model_logs(qnn, model_id, limits=call_limits(settings)))[-limit:]:
             print(orjson.dumps(entry).decode())
     return 0
 
@@ -534,6 +557,11 @@ def build_parser() -> argparse.ArgumentParser:
     q = events_sub.add_parser("tail", help="follow eglo.events live through a temporary queue")
     add_tail_arguments(q)
     q.set_defaults(func=cmd_events_tail)
+
+    p = sub.add_parser("api", help="the HTTP API (OpenAPI 3.1 at /openapi.json)")
+    p.add_argument("--host", help="override EGLO_API_HOST")
+    p.add_argument("--port", type=int, help="override EGLO_API_PORT")
+    p.set_defaults(func=cmd_api)
 
     p = sub.add_parser("demo", help="emulator + worker + a sample batch, then a summary")
     p.add_argument("--count", type=int, default=200)

@@ -112,6 +112,8 @@ class EmbedderConfig:
     api_timeout_s: float = 30.0
     api_batch: int = 256
     api_attempts: int = 5
+    api_max_response_bytes: int = 64 << 20
+    api_deadline_s: float = 120.0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> EmbedderConfig:
@@ -129,7 +131,7 @@ class EmbedderConfig:
             config, max_attempts=max(1, min(config.max_attempts, DELIVERY_LIMIT))
         )
 
-    def build_embedder(self) -> Embedder:
+    def build_embedder(self, metrics: Metrics | None = None) -> Embedder:
         if self.kind == "openai":
             options: dict[str, Any] = {
                 "base_url": self.api_url,
@@ -137,7 +139,14 @@ class EmbedderConfig:
                 "timeout_s": self.api_timeout_s,
                 "batch_size": self.api_batch,
                 "attempts": self.api_attempts,
+                "max_response_bytes": self.api_max_response_bytes,
+                "deadline_s": self.api_deadline_s,
             }
+            if metrics is not None:
+                failures = metrics.http_peer_failures
+                options["on_failure"] = lambda reason: failures.labels(
+                    peer="embeddings", reason=reason
+                ).inc()
             if self.model:
                 options["model"] = self.model
             if self.dimensions:
@@ -259,7 +268,7 @@ class EmbedderService:
     async def run(self, *, burst: bool = False) -> int:
         settings, config = self.settings, self.config
         owns_embedder = self._embedder is None
-        embedder = self._embedder or config.build_embedder()
+        embedder = self._embedder or config.build_embedder(self.metrics)
         em = EmbedderMetrics(self.metrics)
         self.metrics.prefetch.set(config.prefetch)
         try:

@@ -20,15 +20,18 @@ from typing import Any, Final, Protocol, runtime_checkable
 import httpx
 import numpy as np
 import numpy.typing as npt
+import orjson
 import stamina
 import structlog
 
-from worker.qnn import retry_after_seconds
+from worker import http_client
+from worker.http_client import CallLimits, FailureObserver, PeerFailure
 
 log = structlog.get_logger(__name__)
 
 Vector = list[float]
 FloatArray = npt.NDArray[np.float64]
+_JSON_HEADERS: Final = {"Content-Type": "application/json"}
 
 FEATURES_MODEL: Final = "features-v1"
 FEATURES_DIMENSIONS: Final = 64
@@ -456,8 +459,9 @@ class _Transient(Exception):
 class OpenAIEmbedder:
     """Any OpenAI-compatible `POST {base_url}/embeddings` endpoint, over one pooled httpx client.
 
-    Texts go in batches of `batch_size`; 429, 408, 5xx and transport errors are retried with
-    backoff (honouring Retry-After); other 4xx raise EmbeddingRejected.
+    Texts go in batches of `batch_size`; 429, 408, 5xx, transport errors, a reply over
+    `max_response_bytes` or past `deadline_s` (the whole call) are retried with backoff
+    (honouring Retry-After); other 4xx raise EmbeddingRejected. The client is worker.http_client's.
     """
 
     def __init__(
@@ -474,6 +478,9 @@ class OpenAIEmbedder:
         backoff_initial_s: float = 0.5,
         backoff_max_s: float = 10.0,
         retry_after_max_s: float = 60.0,
+        max_response_bytes: int = 64 << 20,
+        deadline_s: float = 120.0,
+        on_failure: FailureObserver | None = None,
         client: httpx.AsyncClient | None = None,
     ) -> None:
         self.name = model
@@ -487,12 +494,12 @@ class OpenAIEmbedder:
         self._backoff_initial_s = backoff_initial_s
         self._backoff_max_s = backoff_max_s
         self._retry_after_max_s = retry_after_max_s
-        headers = {"User-Agent": "eglo/0.1"}
-        if api_key:
-            headers["Authorization"] = f"Bearer {api_key}"
+        self._limits = CallLimits(max_response_bytes=max_response_bytes, deadline_s=deadline_s)
+        self._on_failure = on_failure
+        self._secrets = (api_key,) if api_key else ()
         self._owns_client = client is None
-        self._http = client or httpx.AsyncClient(
-            base_url=base_url.rstrip("/") + "/", headers=headers, timeout=httpx.Timeout(timeout_s)
+        self._http = client or http_client.make_client(
+            base_url.rstrip("/") + "/", timeout_s=timeout_s, api_key=api_key, transport="httpx"
         )
         self.calls = 0
 
@@ -516,7 +523,8 @@ class OpenAIEmbedder:
     @staticmethod
     def _backoff(exc: Exception) -> bool | float:
         if isinstance(exc, _Transient):
-            return exc.retry_after_s if exc.retry_after_s is not None else True
+            wait = exc.retry_after_s
+            return wait if wait is not None and math.isfinite(wait) and wait >= 0 else True
         return False
 
     async def _embed_batch(self, texts: list[str]) -> list[Vector]:
@@ -544,19 +552,25 @@ class OpenAIEmbedder:
     async def _post(self, body: dict[str, Any], expected: int) -> list[Vector]:
         self.calls += 1
         try:
-            response = await self._http.post("embeddings", json=body)
-        except httpx.TimeoutException:
-            raise _Transient("timeout") from None
-        except httpx.TransportError as exc:
-            raise _Transient(f"transport:{type(exc).__name__}") from None
+            response = await http_client.call(
+                self._http,
+                "POST",
+                "embeddings",
+                limits=self._limits,
+                content=orjson.dumps(body),
+                headers=_JSON_HEADERS,
+                on_failure=self._on_failure,
+            )
+        except PeerFailure as exc:
+            raise _Transient(exc.reason) from None
         code = response.status_code
         if code in (408, 429) or code >= 500:
-            retry_after = retry_after_seconds(
-                response.headers.get("Retry-After"), cap_s=self._retry_after_max_s
-            )
-            raise _Transient(f"http_{code}", retry_after)
+            raise _Transient(f"http_{code}", response.retry_after_s(self._retry_after_max_s))
         if code >= 400:
-            raise EmbeddingRejected(f"embeddings API answered {code}: {response.text[:300]}")
+            # The body may echo the request's headers, key included.
+            raise EmbeddingRejected(
+                f"embeddings API answered {code}: {response.error_text(self._secrets)}"
+            )
         try:
             data = sorted(response.json()["data"], key=lambda d: int(d["index"]))
             vectors = [[float(x) for x in d["embedding"]] for d in data]

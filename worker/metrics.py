@@ -175,3 +175,11 @@ class Metrics:
             "1 while the broker connection and its channels are up; 0 while down or reconnecting.",
             registry=r,
         )
+        self.http_peer_failures = Counter(
+            "eglo_http_peer_failures",
+            "HTTP calls that got no usable reply, by peer (qnn, embeddings, monitoring) and "
+            "reason: timeout, deadline (the whole call), too_large (body over its limit), "
+            "bad_encoding, transport:<error>.",
+            ["peer", "reason"],
+            registry=r,
+        )

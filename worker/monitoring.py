@@ -1,5 +1,5 @@
 """The QNN's own monitoring API: its anomalies synced into `anomalies`, resolved both ways, and
-its per-model logs."""
+its per-model logs. Calls go through worker.http_client: bounded bodies, one deadline per call."""
 
 from __future__ import annotations
 
@@ -11,8 +11,12 @@ import asyncpg
 import httpx
 import orjson
 
+from worker import http_client
+from worker.http_client import CallLimits
+
 ANOMALIES_PATH = "/api/v1/monitoring/anomalies/"
 SEVERITIES = {"low", "medium", "high", "critical"}
+DEFAULT_LIMITS = CallLimits()
 
 _UPSERT = """
 INSERT INTO anomalies (optimization_run_id, source, external_id, anomaly_type, severity,
@@ -34,9 +38,11 @@ def _timestamp(value: Any) -> datetime | None:
     return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
 
 
-async def sync_anomalies(pool: asyncpg.Pool, qnn: httpx.AsyncClient) -> tuple[int, int]:
+async def sync_anomalies(
+    pool: asyncpg.Pool, qnn: httpx.AsyncClient, *, limits: CallLimits = DEFAULT_LIMITS
+) -> tuple[int, int]:
     """Pull the QNN's anomalies; returns (new, already known). Re-running adds no duplicates."""
-    response = await qnn.get(ANOMALIES_PATH)
+    response = await http_client.call(qnn, "GET", ANOMALIES_PATH, limits=limits)
     response.raise_for_status()
     doc = response.json()
     items = doc.get("data", doc) if isinstance(doc, dict) else doc
@@ -111,7 +117,13 @@ class AnomalyNotFound(LookupError):
     pass
 
 
-async def resolve_anomaly(pool: asyncpg.Pool, qnn: httpx.AsyncClient, anomaly_id: str) -> str:
+async def resolve_anomaly(
+    pool: asyncpg.Pool,
+    qnn: httpx.AsyncClient,
+    anomaly_id: str,
+    *,
+    limits: CallLimits = DEFAULT_LIMITS,
+) -> str:
     """Mark resolved (telling the QNN first when the anomaly is the QNN's); returns its source."""
     try:
         key = uuid.UUID(anomaly_id)
@@ -121,7 +133,9 @@ async def resolve_anomaly(pool: asyncpg.Pool, qnn: httpx.AsyncClient, anomaly_id
     if row is None:
         raise AnomalyNotFound(f"no anomaly {anomaly_id}")
     if row["source"] == "qnn":
-        response = await qnn.post(f"{ANOMALIES_PATH}{row['external_id']}/resolve")
+        response = await http_client.call(
+            qnn, "POST", f"{ANOMALIES_PATH}{row['external_id']}/resolve", limits=limits
+        )
         response.raise_for_status()
     await pool.execute(
         "UPDATE anomalies SET resolved = true, resolved_at = coalesce(resolved_at, now()) "
@@ -131,8 +145,12 @@ async def resolve_anomaly(pool: asyncpg.Pool, qnn: httpx.AsyncClient, anomaly_id
     return str(row["source"])
 
 
-async def model_logs(qnn: httpx.AsyncClient, model_id: str) -> list[dict[str, Any]]:
-    response = await qnn.get(f"/api/v1/monitoring/models/{model_id}/logs")
+async def model_logs(
+    qnn: httpx.AsyncClient, model_id: str, *, limits: CallLimits = DEFAULT_LIMITS
+) -> list[dict[str, Any]]:
+    response = await http_client.call(
+        qnn, "GET", f"/api/v1/monitoring/models/{model_id}/logs", limits=limits
+    )
     response.raise_for_status()
     doc = response.json()
     logs = doc.get("data", doc) if isinstance(doc, dict) else doc

@@ -22,7 +22,7 @@ from contracts.requests import AnyRequest, ForecastRequest, request_fingerprint
 from contracts.topology import ATTEMPT_HEADER, REPLAYED_HEADER
 from contracts.vocabulary import DeadLetterReason
 from worker import tracing
-from worker.anomalies import Anomaly, detect_run_anomalies
+from worker.anomalies import OP_WINDOW, Anomaly, detect_run_anomalies
 from worker.datasets import DatasetError, dataset_ref_of
 from worker.gates import DatabaseGate, is_systemic
 from worker.intake import Rejection, identify, parse_request
@@ -320,7 +320,7 @@ class OperationalBaselines:
     Per process and per type: cost grows with problem size, so only like is compared with like.
     """
 
-    def __init__(self, window: int = 200) -> None:
+    def __init__(self, window: int = OP_WINDOW) -> None:
         self._latency: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=window))
         self._cost: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=window))
 

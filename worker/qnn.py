@@ -1,19 +1,19 @@
-"""The QNN prediction API client: one pooled httpx client, retries with backoff and Retry-After."""
+"""The QNN prediction API client: one pooled client (worker.http_client), retries with backoff
+and Retry-After."""
 
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
 import orjson
 import stamina
 import structlog
-from httpx_aiohttp import AiohttpTransport
 from opentelemetry.trace import Span
 
 from contracts.qnn import (
@@ -24,9 +24,9 @@ from contracts.qnn import (
     parse_predict_response,
 )
 from contracts.requests import AnyRequest
-from worker import tracing
+from worker import http_client, tracing
 from worker.breaker import CircuitBreaker
-from worker.logs import redact
+from worker.http_client import CallLimits, PeerFailure
 from worker.metrics import Metrics
 from worker.settings import Settings
 
@@ -71,39 +71,26 @@ class QnnAnswer:
     round_trip_ms: float
 
 
-def retry_after_seconds(value: str | None, *, cap_s: float) -> float | None:
-    """Parse Retry-After (delta-seconds or HTTP-date), capped so a bad header cannot stall us."""
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            seconds = parsedate_to_datetime(value).timestamp() - time.time()
-        except (TypeError, ValueError):
-            return None
-    return min(max(seconds, 0.0), cap_s)
+# A health answer is a few bytes; anything much larger is not one.
+_HEALTH_LIMIT_BYTES = 64 << 10
 
 
 def make_http_client(settings: Settings) -> httpx.AsyncClient:
-    """One client for the process. The aiohttp transport: httpx's own pool collapses under load."""
-    headers = {"User-Agent": "eglo/0.1"}
-    if settings.qnn_api_key is not None:
-        headers["Authorization"] = f"Bearer {settings.qnn_api_key.get_secret_value()}"
-    limits = httpx.Limits(
+    """One client for the process, for predictions and the monitoring API alike."""
+    key = settings.qnn_api_key
+    return http_client.make_client(
+        settings.qnn_url,
+        timeout_s=settings.qnn_timeout_s,
+        api_key=key.get_secret_value() if key is not None else None,
         max_connections=settings.qnn_max_connections,
-        max_keepalive_connections=settings.qnn_max_connections,
+        transport=settings.qnn_http_transport,
     )
-    transport: httpx.AsyncBaseTransport = (
-        AiohttpTransport(limits=limits)
-        if settings.qnn_http_transport == "aiohttp"
-        else httpx.AsyncHTTPTransport(limits=limits)
-    )
-    return httpx.AsyncClient(
-        base_url=settings.qnn_url,
-        headers=headers,
-        timeout=httpx.Timeout(settings.qnn_timeout_s),
-        transport=transport,
+
+
+def call_limits(settings: Settings) -> CallLimits:
+    """What one call to the QNN may take: its body size and its whole duration."""
+    return CallLimits(
+        max_response_bytes=settings.qnn_max_response_bytes, deadline_s=settings.qnn_deadline_s
     )
 
 
@@ -125,11 +112,19 @@ class QnnClient:
         self._secrets = (key.get_secret_value(),) if key is not None else ()
         # Merged once: httpx re-parses a relative URL against base_url on every request.
         self._predict_url = httpx.URL(str(http.base_url).rstrip("/") + PREDICT_PATH)
+        self._health_url = httpx.URL(str(http.base_url).rstrip("/") + HEALTH_PATH)
+        self._limits = call_limits(settings)
+        self._peer_failures = metrics.http_peer_failures
+
+    def _on_peer_failure(self, reason: str) -> None:
+        self._peer_failures.labels(peer="qnn", reason=reason).inc()
 
     def _backoff(self, exc: Exception) -> bool | float:
         if isinstance(exc, _Transient):
             self._metrics.qnn_retries.labels(reason=exc.reason).inc()
-            return exc.retry_after_s if exc.retry_after_s is not None else True
+            wait = exc.retry_after_s
+            # Finite and non-negative by construction; checked again, as asyncio.sleep(nan) raises.
+            return wait if wait is not None and math.isfinite(wait) and wait >= 0 else True
         return False
 
     async def predict(self, request: AnyRequest) -> QnnAnswer:
@@ -214,29 +209,32 @@ class QnnClient:
     async def _call(
         self, request_type: str, body: dict[str, Any]
     ) -> tuple[dict[str, Any], dict[str, Any]]:
+        s = self._settings
         started = time.perf_counter()
         status = "error"
         try:
-            response = await self._http.post(
-                self._predict_url, content=orjson.dumps(body), headers=_JSON_HEADERS
+            response = await http_client.call(
+                self._http,
+                "POST",
+                self._predict_url,
+                limits=self._limits,
+                content=orjson.dumps(body),
+                headers=_JSON_HEADERS,
+                on_failure=self._on_peer_failure,
             )
             status = str(response.status_code)
-        except httpx.TimeoutException:
-            status = "timeout"
-            raise _Transient("timeout") from None
-        except httpx.TransportError as exc:
-            raise _Transient(f"transport:{type(exc).__name__}") from None
+        except PeerFailure as exc:
+            # timeout, deadline, too_large, bad_encoding: each its own label; transport: error.
+            status = "error" if exc.reason.startswith("transport:") else exc.reason
+            raise _Transient(exc.reason) from None
         finally:
             self._metrics.qnn_duration.labels(status=status).observe(time.perf_counter() - started)
         code = response.status_code
         if code == 429 or code == 408 or code >= 500:
-            cap = self._settings.qnn_retry_after_max_s
-            raise _Transient(
-                f"http_{code}", retry_after_seconds(response.headers.get("Retry-After"), cap_s=cap)
-            )
+            raise _Transient(f"http_{code}", response.retry_after_s(s.qnn_retry_after_max_s))
         if code >= 400:
             # The body may echo what we sent, key included; it ends up in the database.
-            raise QnnRejected(redact(f"QNN answered {code}: {response.text[:300]}", self._secrets))
+            raise QnnRejected(f"QNN answered {code}: {response.error_text(self._secrets)}")
         try:
             return parse_predict_response(request_type, response.content)
         except MalformedResponse as exc:
@@ -245,10 +243,15 @@ class QnnClient:
             raise _Transient("malformed_body") from None
 
     async def healthy(self) -> bool:
+        seconds = min(5.0, self._settings.qnn_timeout_s)
         try:
-            response = await self._http.get(
-                HEALTH_PATH, timeout=min(5.0, self._settings.qnn_timeout_s)
+            response = await http_client.call(
+                self._http,
+                "GET",
+                self._health_url,
+                limits=CallLimits(max_response_bytes=_HEALTH_LIMIT_BYTES, deadline_s=seconds),
+                timeout_s=seconds,
             )
-        except httpx.HTTPError:
+        except PeerFailure:
             return False
         return response.status_code == 200

@@ -138,22 +138,27 @@ def check_simulation(request: SimulationRequest, raw: dict[str, Any]) -> Simulat
     if sorted(names) != sorted(scenarios):
         raise InvalidResult(f"scenarios {names} do not match the request's {sorted(scenarios)}")
     base = request.payload.base
+    normalised = []
     for outcome in result.scenarios:
+        checked: ForecastResult | StorageResult | GridSwitchResult
         try:
             # Scenarios scale loads and prices, never limits, so the base's limits still hold.
             if isinstance(base, BaseForecast):
-                check_forecast(base.payload, outcome.result)
+                checked = check_forecast(base.payload, outcome.result)
             elif isinstance(base, BaseStorage):
-                check_storage(base.payload, outcome.result)
+                checked = check_storage(base.payload, outcome.result)
             else:
                 scale = scenarios[outcome.name].load_scale
                 scaled = base.payload.model_copy(
                     update={"load_forecast": [v * scale for v in base.payload.load_forecast]}
                 )
-                check_grid_switch(scaled, outcome.result)
+                checked = check_grid_switch(scaled, outcome.result)
         except InvalidResult as exc:
             raise InvalidResult(f"scenario {outcome.name}: {exc}") from None
-    return result
+        # Stored and announced under the canonical names, whatever alias the QNN used.
+        canonical = checked.model_dump(mode="json", exclude_none=True)
+        normalised.append(outcome.model_copy(update={"result": canonical}))
+    return result.model_copy(update={"scenarios": normalised})
 
 
 def _raise_if(problems: list[str]) -> None:

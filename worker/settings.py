@@ -145,6 +145,28 @@ class Settings(BaseSettings):
         "(the pause doubles per round from amqp_reconnect_interval_s, jittered).",
     )
 
+    # `eglo api` (worker/api): the HTTP API.
+    api_host: str = "0.0.0.0"
+    api_port: int = Field(default=8080, ge=0, le=65535)
+    api_tokens_file: Path | None = Field(
+        default=None, description="Bearer tokens, one `name role token` a line; required."
+    )
+    api_max_wait_s: float = Field(default=30.0, gt=0, le=300, description="Bound on `?wait=`.")
+    api_db_pool_size: int = Field(default=4, ge=1)
+
+    qnn_max_response_bytes: int = Field(
+        default=4 << 20,
+        ge=1024,
+        description="Largest QNN response body read (decoded); a larger one: transient failure.",
+    )
+    qnn_deadline_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="One whole QNN call (connect, headers, body); qnn_timeout_s bounds each phase.",
+    )
+    embedder_api_max_response_bytes: int = Field(default=64 << 20, ge=1024)
+    embedder_api_deadline_s: float = Field(default=120.0, gt=0)
+
     @model_validator(mode="after")
     def _key_from_file(self) -> Settings:
         if self.qnn_api_key is None and self.qnn_api_key_file is not None:

@@ -24,7 +24,7 @@ import asyncpg
 import httpx
 import pytest
 
-from db.migrate import migrate
+from db.migrate import migrate, migration_files
 from db.pool import connect
 from producers.publisher import Publisher
 from producers.reader import parse_request
@@ -36,6 +36,8 @@ from tests.hostile.rows import Row, record
 from worker import topology
 
 pytestmark = pytest.mark.hostile
+
+LATEST = migration_files()[-1][0][:4]
 
 
 # ---- helpers ----------------------------------------------------------------------------------
@@ -119,10 +121,10 @@ async def test_worker_started_before_migrations_waits_then_starts_by_itself(
             async with httpx.AsyncClient() as client:
                 health = await client.get(f"http://127.0.0.1:{port}/healthz")
             assert health.status_code == 200
-            assert await readiness(port) == (503, "schema missing, code needs 0004")
+            assert await readiness(port) == (503, f"schema missing, code needs {LATEST}")
             # Long enough for main to dead-letter most of them (1 s per delivery, limit 20).
             await asyncio.sleep(8.0)
-            assert await readiness(port) == (503, "schema missing, code needs 0004")
+            assert await readiness(port) == (503, f"schema missing, code needs {LATEST}")
             async with contextlib.AsyncExitStack() as stack:
                 amqp = await aio_pika_connection(amqp_url, stack)
                 dead = await queue_depth(amqp, topology.DEAD_LETTER_QUEUE)
@@ -149,7 +151,8 @@ async def test_worker_started_before_migrations_waits_then_starts_by_itself(
     record(
         Row(
             attack="worker started before `eglo migrate` (20 requests published first)",
-            eglo_did="declared topology, /readyz 503 'schema missing, code needs 0004', consumed "
+            eglo_did=f"declared topology, /readyz 503 'schema missing, code needs {LATEST}', "
+            "consumed "
             f"nothing; after migrate ready in {ready_s:.1f} s, all 20 stored in {done_s:.1f} s",
             peak_rss_mb=None,
             lost=0,
