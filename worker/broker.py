@@ -11,7 +11,8 @@ come from the first entry. A comma inside a password or vhost is written `%2C`.
 
 `FailoverConnection` is aio-pika's RobustConnection with one change: every connection attempt goes
 to the next node of the process's own (shuffled) order, so a lost node is tried last instead of
-forever, and the pause between attempts is jittered and grows while a whole round of nodes fails.
+forever, and the pause between rounds (once every node refused) is jittered, and grows up to
+`backoff_max_s` when that is above the base interval.
 """
 
 from __future__ import annotations
@@ -153,7 +154,8 @@ class FailoverConnection(RobustConnection):
             # The next node at once, or nearly: only a whole round of refusals means waiting.
             self._delay_s = random.uniform(0, min(self._base_s, 0.5))
         else:
-            ceiling = min(self._backoff_max_s, self._base_s * 2**rounds)
+            # Doubling per round up to backoff_max_s; never below the base interval.
+            ceiling = max(self._base_s, min(self._backoff_max_s, self._base_s * 2**rounds))
             self._delay_s = random.uniform(ceiling / 2, ceiling)
         log.warning(
             "broker.connect.failed",

@@ -139,10 +139,11 @@ class Settings(BaseSettings):
         "is unconfirmed by then is sent again later.",
     )
     amqp_reconnect_max_s: float = Field(
-        default=30.0,
+        default=2.0,
         gt=0,
-        description="Longest pause between reconnect rounds once every broker node refused "
-        "(the pause doubles per round from amqp_reconnect_interval_s, jittered).",
+        description="Longest pause between reconnect rounds once every broker node refused: "
+        "above amqp_reconnect_interval_s, the pause doubles per round up to this (jittered); "
+        "at or below it (the default), every round waits about amqp_reconnect_interval_s.",
     )
 
     # `eglo api` (worker/api): the HTTP API.
