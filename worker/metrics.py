@@ -208,3 +208,8 @@ class Metrics:
         )
         # Resolved once: observed several times per request.
         self.stages = {name: self.stage.labels(stage=name) for name in STAGES}
+        self.qnn_concurrency_limit = Gauge(
+            "eglo_qnn_concurrency_limit",
+            "QNN calls allowed in flight at once now (adapted to the QNN's 429s).",
+            registry=r,
+        )
