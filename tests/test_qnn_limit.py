@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import asyncpg
 
@@ -59,10 +60,26 @@ def test_slow_start_then_one_slot_less_per_429_then_slow_growth() -> None:
     for _ in range(3):  # three calls over the quota
         limit.throttled()
     assert limit.limit == 17 and not limit.slow_start
-    for _ in range(17 * 16):  # sixteen windows of answers: about one slot more
+    for _ in range(17 * 4):  # four windows of answers: about one slot more
         limit.answered(0.2)
     assert 17.9 < limit.limit < 18.1
     assert seen[0] == 4 and seen[-1] == limit.limit
+
+
+async def test_after_a_429_call_starts_are_spaced_a_round_trip_per_limit_apart() -> None:
+    limit = AdaptiveLimit(initial=10, ceiling=10)
+    limit.answered(0.2)
+    limit.throttled()  # limit 9, pacing 0.2 s / 9 apart
+    loop = asyncio.get_running_loop()
+    starts: list[float] = []
+
+    async def call() -> None:
+        async with limit.slot():
+            starts.append(loop.time())
+
+    await asyncio.gather(*(call() for _ in range(5)))
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert all(gap > 0.015 for gap in gaps), gaps
 
 
 def test_never_below_one_nor_above_the_ceiling() -> None:

@@ -5,7 +5,8 @@ A throttling QNN (429) or one that slows down under load says "fewer at once". T
 - starts at `initial` and, until the first such signal, grows by one per answered call (doubling
   per round trip, like TCP's slow start);
 - then grows by one per `1 / increase_per_window` windows of answered calls (a window: as many
-  calls as the limit), slowly, so it probes for more room about once every few seconds;
+  calls as the limit), so it probes for more room about once a second at a 200 ms QNN, and
+  spaces the starts of calls a smoothed round trip / limit apart (pacing);
 - shrinks by one slot per 429 (and per answer slower than `latency_tolerance` x the fastest
   recent one, when that is set): calls that overshot the quota each take one slot away, so a
   limit that was k too high comes down by about k;
@@ -29,7 +30,7 @@ class AdaptiveLimit:
         *,
         initial: float,
         ceiling: int,
-        increase_per_window: float = 1 / 16,
+        increase_per_window: float = 0.25,
         latency_tolerance: float = 0.0,
         on_change: Callable[[float], None] = lambda _: None,
     ) -> None:
@@ -40,6 +41,8 @@ class AdaptiveLimit:
         self._increase = increase_per_window
         self._tolerance = latency_tolerance
         self._fastest: float | None = None
+        self._rtt: float | None = None  # smoothed answer time
+        self._next_start = 0.0
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._on_change = on_change
         on_change(self.limit)
@@ -48,9 +51,23 @@ class AdaptiveLimit:
     async def slot(self) -> AsyncIterator[None]:
         await self._acquire()
         try:
+            await self._pace()
             yield
         finally:
             self._release()
+
+    async def _pace(self) -> None:
+        """Once the QNN has throttled: starts spaced a round trip / limit apart. Answers come
+        back in bursts (and with them freed slots); a quota counted over short windows answers
+        a burst of starts with 429s even below its rate."""
+        if self.slow_start or self._rtt is None:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        start = max(now, self._next_start)
+        self._next_start = start + self._rtt / self.limit
+        if start > now:
+            await asyncio.sleep(start - now)
 
     async def _acquire(self) -> None:
         if self.in_flight < int(self.limit) and not self._waiters:
@@ -82,6 +99,7 @@ class AdaptiveLimit:
 
     def answered(self, seconds: float) -> None:
         """A call was answered (not throttled) after `seconds`."""
+        self._rtt = seconds if self._rtt is None else self._rtt + 0.1 * (seconds - self._rtt)
         if self._tolerance > 0:
             fastest = self._fastest
             # The fastest recent answer, forgetting slowly so a QNN that got slower for good
