@@ -12,6 +12,7 @@ the publish call to its completion event.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import subprocess
 import time
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 import asyncpg
 import psutil
 
+from benchmarks import stages
 from benchmarks.harness import (
     EVENTS_QUEUE,
     Bench,
@@ -49,6 +51,9 @@ class E2E:
     backlog_publish_s: float
     stored: dict[str, int] = field(default_factory=dict)
     exit_codes: list[int] = field(default_factory=list)
+    # eglo only: eglo_request_stage_duration_seconds over the latency phase, per stage
+    # {"count", "mean_ms", "p50_ms", "p99_ms"} (benchmarks.stages)
+    stages: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -67,9 +72,13 @@ class Memory:
     samples: list[tuple[float, float, int]]  # (seconds since start, RSS MB, backlog)
 
 
-def spawn_worker(bench: Bench, world: World, index: int) -> subprocess.Popen[bytes]:
+def spawn_worker(
+    bench: Bench, world: World, index: int, port: int | None = None
+) -> subprocess.Popen[bytes]:
     return spawn(
-        ["worker"], bench.eglo_env(world, free_port()), world.log_dir / f"worker-{index}.log"
+        ["worker"],
+        bench.eglo_env(world, port or free_port()),
+        world.log_dir / f"worker-{index}.log",
     )
 
 
@@ -91,6 +100,7 @@ async def run_consumers(
     *,
     latency_rate: Callable[[Drain], float | None],
     latency_seconds: float,
+    metrics_port: int | None = None,
 ) -> E2E:
     async with bench.world(name) as world:
         await declare_events_queue(world.amqp_url)
@@ -104,12 +114,21 @@ async def run_consumers(
             )
             drain, _ = await measure_drain(world, probes, requests, processes=processes)
             latency = None
+            breakdown: dict[str, dict[str, float]] = {}
             rate = latency_rate(drain)
             if rate and not drain.stalled:
                 count = max(200, int(rate * latency_seconds))
+                before = stages.scrape(metrics_port) if metrics_port else {}
                 latency = await measure_latency(
                     world, bench.workload.requests(count, f"{name}-lat"), rate, probes=probes
                 )
+                if metrics_port:
+                    await asyncio.sleep(1.0)  # the last confirms' observations
+                    after = stages.scrape(metrics_port)
+                    breakdown = {
+                        k: dataclasses.asdict(v)
+                        for k, v in stages.stage_breakdown(before, after).items()
+                    }
             check_alive(processes)
         finally:
             codes = stop_all(processes, grace_s=40)
@@ -121,19 +140,22 @@ async def run_consumers(
             backlog_publish_s=publish_s,
             stored=await _stored(world.db_url),
             exit_codes=codes,
+            stages=breakdown if latency else {},
         )
 
 
 async def eglo(
     bench: Bench, requests: int, latency_seconds: float, *, workers: int = 1, latency: bool = True
 ) -> E2E:
+    ports = [free_port() for _ in range(workers)]
     return await run_consumers(
         bench,
         f"eglo-{workers}w",
-        lambda world: [spawn_worker(bench, world, i + 1) for i in range(workers)],
+        lambda world: [spawn_worker(bench, world, i + 1, ports[i]) for i in range(workers)],
         requests,
         latency_rate=(lambda d: d.runs_per_s / 2) if latency else (lambda d: None),
         latency_seconds=latency_seconds,
+        metrics_port=ports[0] if workers == 1 else None,
     )
 
 

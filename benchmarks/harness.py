@@ -293,25 +293,35 @@ class Bench:
 
 @contextlib.asynccontextmanager
 async def open_bench(
-    *, distinct: int, log_dir: Path, worker_env: Mapping[str, str]
+    *,
+    distinct: int,
+    log_dir: Path,
+    worker_env: Mapping[str, str],
+    emulator_args: Sequence[str] = ("--latency-ms", "20"),
 ) -> AsyncIterator[Bench]:
     """Start a Postgres server of the run's own and the emulator (`eglo emulator --latency-ms
     20`). The server: EGLO_DATABASE_URL when set, else an embedded PostgreSQL in a temp dir
     (not the shared one under .eglo/, which tests and other benchmarks may be loading)."""
     infra.ensure_local_rabbitmq()
     with infra.postgres_server() as server_url:
-        async with _with_emulator(server_url, distinct, log_dir, worker_env) as bench:
+        async with _with_emulator(
+            server_url, distinct, log_dir, worker_env, emulator_args
+        ) as bench:
             yield bench
 
 
 @contextlib.asynccontextmanager
 async def _with_emulator(
-    server_url: str, distinct: int, log_dir: Path, worker_env: Mapping[str, str]
+    server_url: str,
+    distinct: int,
+    log_dir: Path,
+    worker_env: Mapping[str, str],
+    emulator_args: Sequence[str],
 ) -> AsyncIterator[Bench]:
     workload = Workload.build(distinct)
     port = free_port()
     emulator = spawn(
-        ["emulator", "--port", str(port), "--latency-ms", "20", "--seed", "3"],
+        ["emulator", "--port", str(port), "--seed", "3", *emulator_args],
         {},
         log_dir / "emulator.log",
     )

@@ -37,6 +37,7 @@ from benchmarks import amqp_ceiling, db_ceiling, e2e
 from benchmarks.fixtures import build_fixtures
 from benchmarks.harness import LOG_ROOT, Drain, Latency, open_bench, wait_quiet
 from benchmarks.report import num, verdict, write_section
+from worker.metrics import STAGES
 
 PHASES = ("db", "eglo", "amqp", "baseline", "scaleout", "memory")
 T = TypeVar("T")
@@ -452,6 +453,18 @@ def format_details(r: Results) -> list[str]:
                    f"{num(res.latency.max_ms)} ms, CPU s/1000 under that load: {lat_cpu}"
                    if res.latency else "")
             )
+    if r.eglo and r.eglo.stages and r.eglo.latency:
+        lines.append(
+            f"- eglo stage breakdown under the latency load ({num(r.eglo.latency.offered_rate)}/s; "
+            "`eglo_request_stage_duration_seconds`, mean / p50 / p99 ms): "
+            + " · ".join(
+                f"{k} {num(v['mean_ms'], 1)} / {num(v['p50_ms'], 1)} / {num(v['p99_ms'], 1)}"
+                for k, v in sorted(
+                    r.eglo.stages.items(),
+                    key=lambda kv: STAGES.index(kv[0]) if kv[0] in STAGES else 99,
+                )
+            )
+        )
     if r.memory:
         lines.append(
             f"- memory: backlog of {num(r.memory.backlog)} published in "

@@ -28,6 +28,8 @@ _OPTIONS: dict[str, tuple[type, str]] = {
     "garbage_rate": (float, "share of predict calls with a malformed body (default 0)"),
     "retry_after_s": (int, "Retry-After seconds sent with 429 (default 1)"),
     "hang_s": (float, "how long a hung call hangs, s (default 600)"),
+    "rate_limit_per_s": (float, "quota: predict calls/s beyond it answered 429 (default 0: none)"),
+    "rate_limit_burst": (float, "calls the quota lets through at once (default: 0.1 s worth)"),
     "seed": (int, "seed for reproducible fault draws (default: random)"),
     "api_key": (str, "require this key as Bearer token or X-API-Key (default: none)"),
 }

@@ -23,6 +23,7 @@ class Fault(StrEnum):
     ERROR = "error"
     THROTTLE = "throttle"
     GARBAGE = "garbage"
+    RATE_LIMIT = "rate_limit"  # over the quota (rate_limit_per_s), not a random draw
 
 
 class FaultInjector:
@@ -31,6 +32,25 @@ class FaultInjector:
     def __init__(self, knobs: FaultKnobs, seed: int | None = None) -> None:
         self.knobs = knobs
         self._rng = random.Random(seed)
+        self._tokens: float | None = None
+        self._refilled = 0.0
+
+    def admit(self, now: float) -> bool:
+        """The rate limit (`rate_limit_per_s`, 0: none) as a token bucket holding
+        `rate_limit_burst` calls (0: a tenth of a second's worth, at least 1); False: answer 429."""
+        rate = self.knobs.rate_limit_per_s
+        if rate <= 0:
+            self._tokens = None
+            return True
+        burst = self.knobs.rate_limit_burst or max(1.0, rate / 10)
+        if self._tokens is None:
+            self._tokens, self._refilled = burst, now
+        self._tokens = min(burst, self._tokens + (now - self._refilled) * rate)
+        self._refilled = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
 
     def draw(self) -> Fault | None:
         """The fault for this call, or None for a normal answer."""

@@ -132,8 +132,10 @@ async def _injected_failure(
 ) -> web.Response | None:
     """The response for a failing fault (throttle, error, hang), or None to go on and compute."""
     knobs = state.faults.knobs
+    if fault is None and not state.faults.admit(time.monotonic()):
+        fault = Fault.RATE_LIMIT
     headers = {} if fault is None else {"X-Emulator-Fault": fault.value}
-    if fault is Fault.THROTTLE:
+    if fault is Fault.THROTTLE or fault is Fault.RATE_LIMIT:
         log(429)
         headers["Retry-After"] = str(knobs.retry_after_s)
         return error_response(429, "rate_limited", "too many requests", headers=headers)

@@ -21,6 +21,9 @@ class FaultKnobs(BaseModel):
     garbage_rate: float = Rate
     retry_after_s: int = Field(default=1, ge=0, le=3600)
     hang_s: float = Field(default=600.0, ge=0.0, le=86_400.0)
+    # A quota like a real API's: predict calls beyond it are answered 429 with Retry-After.
+    rate_limit_per_s: float = Field(default=0.0, ge=0.0, le=1_000_000.0)
+    rate_limit_burst: float = Field(default=0.0, ge=0.0, le=1_000_000.0)
 
     @model_validator(mode="after")
     def _rates_fit(self) -> FaultKnobs:

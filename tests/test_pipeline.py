@@ -188,3 +188,42 @@ async def test_flaky_qnn_every_request_still_completes(
     # Stored call counts cover the final delivery only; a rare delay-tier trip adds retries.
     total_calls = await pool.fetchval("SELECT sum(call_attempts) FROM qnn_execution_metrics")
     assert 200 < total_calls <= 200 + metric(samples, "eglo_qnn_retries_total")
+
+
+async def test_every_request_stage_is_timed(
+    amqp: AbstractRobustConnection,
+    amqp_url: str,
+    database_url: str,
+    pool: asyncpg.Pool,
+    emulator: str,
+) -> None:
+    """Each completed request is observed once in each stage from queue wait to the outcome
+    event's confirm (the relay's wait: at most once, it is timed from the wake-up it answers)."""
+    from worker.metrics import STAGES
+
+    await bind_event_queue(amqp, "run.#")
+    requests = generate_requests(40, seed=515, id_prefix="stages")
+    settings = make_settings(amqp_url, database_url, emulator)
+    async with running_worker(settings) as worker, Publisher.connect(amqp_url) as publisher:
+        await publisher.publish_many(parse_request(r) for r in requests)
+        await wait_for(lambda: pool.fetchval("SELECT count(*) = 40 FROM optimization_runs"))
+        await wait_for(lambda: events_sent(pool))
+        await wait_for(
+            lambda: worker.metrics.stages["publish_confirm"]._sum.get() > 0
+            and sum(b.get() for b in worker.metrics.stages["publish_confirm"]._buckets) == 40
+        )
+        samples = await scrape(worker.metrics_port or 0)
+    name = "eglo_request_stage_duration_seconds"
+    counts = {s: metric(samples, f"{name}_count", stage=s) for s in STAGES}
+    assert set(counts) == {
+        "queue_wait", "intake", "qnn", "commit_wait", "commit", "relay_wait", "publish_confirm"
+    }
+    for stage in STAGES:
+        if stage == "relay_wait":
+            assert 1 <= counts[stage] <= 40, counts
+        else:
+            assert counts[stage] == 40, counts
+        total = metric(samples, f"{name}_sum", stage=stage)
+        assert 0 <= total < 40 * 30, (stage, total)
+    # The QNN call (the emulator answers in ~20 ms here) is timed as such.
+    assert metric(samples, f"{name}_sum", stage="qnn") >= 40 * 0.001

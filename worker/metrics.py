@@ -9,6 +9,19 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 DB_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 OUTCOMES = ("completed", "failed", "expired", "duplicate", "dead_lettered", "delayed")
 REQUEST_TYPES = ("forecast", "storage", "grid_switch", "simulation", "unknown")
+# Where one request's time goes, in order (eglo_request_stage_duration_seconds{stage}).
+STAGES = (
+    "queue_wait",  # the producer's published-at header to the worker starting on the delivery
+    "intake",  # parse, validate, duplicate lookup, dataset: up to the QNN call
+    "qnn",  # the QNN call, retries included
+    "commit_wait",  # handed to the group commit until its transaction starts
+    "commit",  # its transaction (the whole batch's)
+    "relay_wait",  # the relay woken for the commit until it claims the batch
+    "publish_confirm",  # the outcome event's publish until the broker's confirm
+)
+STAGE_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
+)
 
 
 class Metrics:
@@ -181,5 +194,22 @@ class Metrics:
             "reason: timeout, deadline (the whole call), too_large (body over its limit), "
             "bad_encoding, transport:<error>.",
             ["peer", "reason"],
+            registry=r,
+        )
+        self.stage = Histogram(
+            "eglo_request_stage_duration_seconds",
+            "Where a request's time goes, by stage: queue_wait (published-at header to the "
+            "worker starting on it), intake (to the QNN call), qnn, commit_wait (for the group "
+            "commit), commit, relay_wait (relay woken to batch claimed), publish_confirm (the "
+            "outcome event's publish to its confirm).",
+            ["stage"],
+            buckets=STAGE_BUCKETS,
+            registry=r,
+        )
+        # Resolved once: observed several times per request.
+        self.stages = {name: self.stage.labels(stage=name) for name in STAGES}
+        self.qnn_concurrency_limit = Gauge(
+            "eglo_qnn_concurrency_limit",
+            "QNN calls allowed in flight at once now (adapted to the QNN's 429s).",
             registry=r,
         )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -64,9 +65,12 @@ class OutboxRelay:
         self._confirm_timeout_s = confirm_timeout_s
         self._wakeup = asyncio.Event()
         self._stopping = False
+        self._woken_at: float | None = None  # first wake not yet followed by a claim
 
     def wake(self) -> None:
         """Called after a commit that wrote events: they leave now, not at the next poll."""
+        if self._woken_at is None:
+            self._woken_at = time.perf_counter()
         self._wakeup.set()
 
     def stop(self) -> None:
@@ -121,9 +125,16 @@ class OutboxRelay:
         channel = cast(aiormq.Channel, await self._channel.get_underlay_channel())
         published: list[Any] = []
         async with self._pool.acquire() as conn, conn.transaction():
+            claiming, woken, self._woken_at = time.perf_counter(), self._woken_at, None
             rows = await conn.fetch(_CLAIM, self._batch)
             if not rows:
                 return 0, 0
+            if woken is not None:
+                # From the first commit that woke the relay (the batch's longest wait).
+                waited = self._metrics.stages["relay_wait"]
+                for row in rows:
+                    if _is_outcome(row):
+                        waited.observe(claiming - woken)
             failures: list[BaseException] = []
             slots = asyncio.Semaphore(self._window)
 
@@ -180,6 +191,7 @@ class OutboxRelay:
             )
             # A nack raises DeliveryError; an event nobody has subscribed to is dropped, as an
             # event with no subscriber should be.
+            started = time.perf_counter()
             await channel.basic_publish(
                 row["body"],
                 exchange=row["exchange"],
@@ -187,6 +199,13 @@ class OutboxRelay:
                 properties=properties,
                 wait=False,
             )
+            if _is_outcome(row):
+                self._metrics.stages["publish_confirm"].observe(time.perf_counter() - started)
+
+
+def _is_outcome(row: Any) -> bool:
+    """A run's outcome event (run.<status>.<type>): one per request, what its stages follow."""
+    return bool(row["exchange"]) and str(row["routing_key"]).startswith("run.")
 
 
 class _NotSent(Exception):

@@ -19,7 +19,7 @@ import structlog
 from opentelemetry import trace
 
 from contracts.requests import AnyRequest, ForecastRequest, request_fingerprint
-from contracts.topology import ATTEMPT_HEADER, REPLAYED_HEADER
+from contracts.topology import ATTEMPT_HEADER, PUBLISHED_AT_HEADER, REPLAYED_HEADER
 from contracts.vocabulary import DeadLetterReason
 from worker import tracing
 from worker.anomalies import OP_WINDOW, Anomaly, detect_run_anomalies
@@ -111,6 +111,11 @@ class Pipeline:
 
     async def handle(self, delivery: Delivery) -> Decision:
         started = time.perf_counter()
+        # The producer's millisecond header only: AMQP's whole-second timestamp is too coarse.
+        published = delivery.timestamp
+        if delivery.attempt == 0 and PUBLISHED_AT_HEADER in delivery.headers and published:
+            waited = (datetime.now(UTC) - published).total_seconds()
+            self._metrics.stages["queue_wait"].observe(max(waited, 0.0))
         parsed = parse_request(
             delivery.body,
             delivery.content_type,
@@ -130,7 +135,7 @@ class Pipeline:
             span = trace.get_current_span()
             span.set_attribute("eglo.request_id", parsed.request_id)
             span.set_attribute("eglo.request_type", parsed.request_type)
-            decision = await self._process(parsed, delivery)
+            decision = await self._process(parsed, delivery, started)
             request_type = parsed.request_type
         outcome = _outcome(decision)
         self._metrics.messages.labels(request_type=request_type, outcome=outcome).inc()
@@ -142,7 +147,7 @@ class Pipeline:
             self._metrics.end_to_end.labels(request_type=request_type).observe(max(lag, 0))
         return decision
 
-    async def _process(self, request: AnyRequest, delivery: Delivery) -> Decision:
+    async def _process(self, request: AnyRequest, delivery: Delivery, started: float) -> Decision:
         fingerprint = request_fingerprint(request)
         stored = await self._with_db_retry(self._store.find, request.request_id)
         rerun: dict[str, Any] = {}
@@ -186,6 +191,9 @@ class Pipeline:
                     record(status="failed", error_code="dataset_not_found", error_message=str(exc)),
                     delivery,
                 )
+        stages = self._metrics.stages
+        calling = time.perf_counter()
+        stages["intake"].observe(calling - started)
         try:
             answer = await self._qnn.predict(request)
         except QnnRejected as exc:
@@ -209,6 +217,7 @@ class Pipeline:
             return (
                 DeadLetter("retries_exhausted", str(exc)) if isinstance(decision, Ack) else decision
             )
+        stages["qnn"].observe(time.perf_counter() - calling)
         try:
             result, metadata = check_result(request, answer.result, answer.metadata)
         except InvalidResult as exc:

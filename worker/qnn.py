@@ -28,6 +28,7 @@ from worker import http_client, tracing
 from worker.breaker import CircuitBreaker
 from worker.http_client import CallLimits, PeerFailure
 from worker.metrics import Metrics
+from worker.qnn_limit import AdaptiveLimit
 from worker.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -115,6 +116,14 @@ class QnnClient:
         self._health_url = httpx.URL(str(http.base_url).rstrip("/") + HEALTH_PATH)
         self._limits = call_limits(settings)
         self._peer_failures = metrics.http_peer_failures
+        self._concurrency: AdaptiveLimit | None = None
+        if settings.qnn_adaptive_concurrency:
+            self._concurrency = AdaptiveLimit(
+                initial=settings.qnn_concurrency_initial,
+                ceiling=min(settings.prefetch, settings.qnn_max_connections),
+                latency_tolerance=settings.qnn_latency_tolerance,
+                on_change=metrics.qnn_concurrency_limit.set,
+            )
 
     def _on_peer_failure(self, reason: str) -> None:
         self._peer_failures.labels(peer="qnn", reason=reason).inc()
@@ -196,7 +205,10 @@ class QnnClient:
         if self._breaker is not None:
             await self._breaker.wait_callable()
         try:
-            answer = await self._call(request_type, body)
+            if self._concurrency is None:
+                answer = await self._call(request_type, body)
+            else:
+                answer = await self._call_within_limit(request_type, body, self._concurrency)
         except _Transient as exc:
             # Throttling means the API is up and asking us to slow down, not that it is broken.
             if self._breaker is not None and exc.reason != "http_429":
@@ -205,6 +217,21 @@ class QnnClient:
         if self._breaker is not None:
             self._breaker.record_success()
         return answer
+
+    async def _call_within_limit(
+        self, request_type: str, body: dict[str, Any], limit: AdaptiveLimit
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """One call in one of the adaptive limit's slots; its outcome adapts the limit."""
+        async with limit.slot():
+            started = time.perf_counter()
+            try:
+                answer = await self._call(request_type, body)
+            except _Transient as exc:
+                if exc.reason == "http_429":
+                    limit.throttled()
+                raise
+            limit.answered(time.perf_counter() - started)
+            return answer
 
     async def _call(
         self, request_type: str, body: dict[str, Any]

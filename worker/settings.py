@@ -168,6 +168,21 @@ class Settings(BaseSettings):
     embedder_api_max_response_bytes: int = Field(default=64 << 20, ge=1024)
     embedder_api_deadline_s: float = Field(default=120.0, gt=0)
 
+    qnn_adaptive_concurrency: bool = Field(
+        default=True,
+        description="Adapt how many QNN calls are in flight to its 429s (worker/qnn_limit.py); "
+        "never more than the prefetch or qnn_max_connections.",
+    )
+    qnn_concurrency_initial: int = Field(
+        default=8, ge=1, description="Calls in flight at start; doubles per round trip until a 429."
+    )
+    qnn_latency_tolerance: float = Field(
+        default=0.0,
+        ge=0,
+        description="Also one call fewer per answer slower than this many times the fastest "
+        "recent one (0: latency is no signal, 429s only).",
+    )
+
     @model_validator(mode="after")
     def _key_from_file(self) -> Settings:
         if self.qnn_api_key is None and self.qnn_api_key_file is not None:

@@ -162,7 +162,10 @@ class RunStore:
         self._batch_max = batch_max
         self._writer_count = writers
         self._on_commit = on_commit
-        self._queue: asyncio.Queue[tuple[RunRecord, asyncio.Future[SaveResult]]] = asyncio.Queue()
+        # Each record with when it was handed over (perf_counter), for the commit_wait stage.
+        self._queue: asyncio.Queue[
+            tuple[tuple[RunRecord, float], asyncio.Future[SaveResult]]
+        ] = asyncio.Queue()
         self._lookups: asyncio.Queue[tuple[str, asyncio.Future[StoredRun | None]]] = asyncio.Queue()
         self._writers: list[asyncio.Task[None]] = []
 
@@ -248,7 +251,7 @@ class RunStore:
 
     async def save(self, record: RunRecord) -> SaveResult:
         future: asyncio.Future[SaveResult] = asyncio.get_running_loop().create_future()
-        await self._queue.put((record, future))
+        await self._queue.put(((record, time.perf_counter()), future))
         return await future
 
     async def _write_loop(self) -> None:
@@ -257,8 +260,11 @@ class RunStore:
             if not batch:
                 continue
             started = time.perf_counter()
+            waited = self._metrics.stages["commit_wait"]
+            for (_, handed_over), _ in batch:
+                waited.observe(started - handed_over)
             try:
-                results = await self._write_isolating_bad_rows([r for r, _ in batch])
+                results = await self._write_isolating_bad_rows([r for (r, _), _ in batch])
             except asyncio.CancelledError:
                 _fail(batch, RuntimeError("store closed before commit"))
                 raise
@@ -267,8 +273,12 @@ class RunStore:
                 log.warning("db.batch.failed", size=len(batch), error=repr(exc)[:300])
                 _fail(batch, exc)
                 continue
-            self._metrics.db_write.observe(time.perf_counter() - started)
+            took = time.perf_counter() - started
+            self._metrics.db_write.observe(took)
             self._metrics.db_batch_size.observe(len(batch))
+            committed = self._metrics.stages["commit"]
+            for _ in batch:
+                committed.observe(took)
             for (_, future), result in zip(batch, results, strict=True):
                 if future.done():
                     continue

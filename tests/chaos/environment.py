@@ -75,12 +75,14 @@ def close_broker_connections(vhost: str) -> None:
     )
 
 
-async def restart_broker(down_s: float) -> None:
-    """Stop the RabbitMQ application (every connection drops), wait, start it again."""
-    await _rabbitmqctl("stop_app")
+async def refuse_broker(vhost: str, down_s: float) -> None:
+    """The broker goes away for this run's clients: their user loses the vhost and every
+    connection to it is closed, for down_s; then the user is let back in. The machine's shared
+    node is never stopped (other runs use it); the cluster scenarios stop nodes of their own."""
+    await _rabbitmqctl("clear_permissions", "-p", vhost, "guest")
+    await _rabbitmqctl("close_all_connections", "--vhost", vhost, "chaos: broker away")
     await asyncio.sleep(down_s)
-    await _rabbitmqctl("start_app")
-    await _rabbitmqctl("await_startup")
+    await _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
 
 
 async def _rabbitmqctl(*args: str) -> None:

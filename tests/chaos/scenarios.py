@@ -6,7 +6,7 @@ import asyncio
 import signal
 import time
 
-from tests.chaos.environment import close_broker_connections, restart_broker
+from tests.chaos.environment import close_broker_connections, refuse_broker
 from tests.chaos.runner import ChaosRun, Scenario
 
 
@@ -24,8 +24,8 @@ async def broker_outages(run: ChaosRun) -> None:
     close_broker_connections(run.vhost)
     run.notes.append(f"closed all connections at {await run.stored()} stored")
     await run.until_stored(0.6)
-    await restart_broker(down_s=5)
-    run.notes.append(f"broker stopped 5 s at {await run.stored()} stored")
+    await refuse_broker(run.vhost, down_s=5)
+    run.notes.append(f"broker refused 5 s at {await run.stored()} stored")
 
 
 def database_outage(down_s: float):  # type: ignore[no-untyped-def]
