@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,8 @@ import httpx
 import orjson
 from aio_pika.abc import AbstractRobustConnection
 
+from db.migrate import migration_files
+from tests import infra
 from worker import topology
 from worker.app import Worker
 from worker.settings import Settings
@@ -127,3 +130,41 @@ def save_figures(name: str, figures: Any) -> None:
     out = Path(__file__).resolve().parents[1] / ".eglo" / "conformance"
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(orjson.dumps(figures, option=orjson.OPT_INDENT_2).decode())
+
+
+@contextlib.asynccontextmanager
+async def database_at(database_url: str, versions: int | None) -> AsyncIterator[str]:
+    """A database of the test's own with the first `versions` migrations (None: none at all,
+    not even schema_migrations)."""
+    name = f"eglo_scratch_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(database_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    url = infra.with_database(database_url, name)
+    if versions is not None:
+        conn = await asyncpg.connect(url)
+        try:
+            await apply_first(conn, versions)
+        finally:
+            await conn.close()
+    try:
+        yield url
+    finally:
+        admin = await asyncpg.connect(database_url)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+
+async def apply_first(conn: asyncpg.Connection, versions: int) -> None:
+    """What `eglo migrate` did for an older release: its migrations, recorded."""
+    await conn.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (version TEXT PRIMARY KEY, "
+        "applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+    )
+    for version, sql in migration_files()[:versions]:
+        await conn.execute(sql)
+        await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", version)

@@ -7,12 +7,10 @@ mid-run) are in tests/hostile/test_startup.py.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
@@ -22,50 +20,11 @@ import pytest
 
 from db.migrate import SchemaStatus, migration_files, schema_problem, schema_status
 from db.pool import connect
-from tests import infra
 from tests.conftest import make_settings
-from tests.harness import running_worker, wait_for
+from tests.harness import apply_first, database_at, running_worker, wait_for
 from worker.gates import DatabaseGate, is_systemic
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@contextlib.asynccontextmanager
-async def database_at(database_url: str, versions: int | None) -> AsyncIterator[str]:
-    """A database of the test's own with the first `versions` migrations (None: none at all,
-    not even schema_migrations)."""
-    name = f"eglo_startup_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(database_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    url = infra.with_database(database_url, name)
-    if versions is not None:
-        conn = await asyncpg.connect(url)
-        try:
-            await apply_first(conn, versions)
-        finally:
-            await conn.close()
-    try:
-        yield url
-    finally:
-        admin = await asyncpg.connect(database_url)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
-
-
-async def apply_first(conn: asyncpg.Connection, versions: int) -> None:
-    """What `eglo migrate` did for an older release: its migrations, recorded."""
-    await conn.execute(
-        "CREATE TABLE IF NOT EXISTS schema_migrations (version TEXT PRIMARY KEY, "
-        "applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
-    )
-    for version, sql in migration_files()[:versions]:
-        await conn.execute(sql)
-        await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", version)
 
 
 def shipped() -> int:

@@ -15,7 +15,6 @@ import contextlib
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -31,7 +30,7 @@ from producers.reader import parse_request
 from producers.sample import generate_requests
 from tests import infra
 from tests.conftest import make_settings
-from tests.harness import queue_depth, running_worker, wait_for
+from tests.harness import database_at, queue_depth, running_worker, wait_for
 from tests.hostile.rows import Row, record
 from worker import topology
 
@@ -41,32 +40,6 @@ LATEST = migration_files()[-1][0][:4]
 
 
 # ---- helpers ----------------------------------------------------------------------------------
-
-
-@contextlib.asynccontextmanager
-async def own_database(database_url: str, *, migrated: bool) -> AsyncIterator[str]:
-    """A database of the test's own on the session's server, migrated or not; dropped after."""
-    name = f"eglo_hostile_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(database_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    url = infra.with_database(database_url, name)
-    if migrated:
-        conn = await connect(url)
-        try:
-            await migrate(conn)
-        finally:
-            await conn.close()
-    try:
-        yield url
-    finally:
-        admin = await asyncpg.connect(database_url)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
 
 
 def with_user(url: str, user: str) -> str:
@@ -113,7 +86,7 @@ async def test_worker_started_before_migrations_waits_then_starts_by_itself(
     """No schema: topology declared, /healthz 200, /readyz 503 with the reason, nothing consumed
     (20 requests published first, none dead-lettered); `eglo migrate` -> consuming, no restart."""
     batch = requests(20, "premigrate")
-    async with own_database(database_url, migrated=False) as url:
+    async with database_at(database_url, None) as url:
         settings = make_settings(amqp_url, url, emulator, db_check_interval_s=0.5)
         async with running_worker(settings) as worker, Publisher.connect(amqp_url) as publisher:
             port = worker.metrics_port or 0
@@ -200,7 +173,7 @@ async def test_database_refusing_mid_run_pauses_and_loses_nothing(
     """A systemic refusal pauses consumption (/readyz 503 with the reason); requests in flight
     wait without spending deliveries; mended, everything completes, none dead-lettered."""
     role = f"eglo_w_{uuid.uuid4().hex[:6]}"
-    async with own_database(database_url, migrated=True) as url:
+    async with database_at(database_url, len(migration_files())) as url:
         owner = await connect(url)
         try:
             await owner.execute(f"CREATE ROLE {role} LOGIN")
