@@ -4,7 +4,7 @@
 
 Data: `pmdarima.datasets.load_taylor()`, 4032 half-hourly readings of England & Wales electricity
 demand in MW from Monday 2000-06-05 (84 days), shipped inside the pmdarima package. It is imported
-with `worker.datasets.import_datasets` as 84 `energy_datasets` rows (region "England-Wales",
+with `worker.ops.datasets.import_datasets` as 84 `energy_datasets` rows (region "England-Wales",
 30-minute resolution) into a scratch database on the configured (or embedded) Postgres.
 
 Forecasts, one per day from day 15 (2000-06-19) to day 84 (2000-08-27), 70 days, each 48 steps
@@ -17,15 +17,16 @@ Forecasts, one per day from day 15 (2000-06-19) to day 84 (2000-08-27), 70 days,
     resolves the reference from `energy_datasets`, calls the emulator (mode "quantum",
     optimization_level 1) and stores the runs as in production;
   - `--mode direct` (no broker needed): the same request is resolved by
-    `worker.datasets.resolve_request`, sent to `POST /api/v1/predictions/predict` as
+    `worker.runtime.history.resolve_request`, sent to `POST /api/v1/predictions/predict` as
     `contracts.qnn.build_predict_body` builds it, parsed with `parse_predict_response`, checked
-    with `worker.result_checks.check_result`, and the completed run is inserted directly;
+    with `worker.core.result_checks.check_result`, and the completed run is inserted directly;
 * two baselines stored the same way, to judge the numbers against: yesterday's load at the same
   half-hour (persistence) and last week's (seasonal naive).
 
-Then `worker.scoring.score_pending` scores every run against the imported actuals, the report is
+Then `worker.analytics.accuracy.score_pending`
+scores every run against the imported actuals, the report is
 printed with `format_accuracy`, and the forecast whose MAPE is the median is drawn with
-`worker.plots.plot_run`. The scratch database is dropped unless --keep.
+`worker.analytics.plots.plot_run`. The scratch database is dropped unless --keep.
 """
 
 from __future__ import annotations
@@ -50,11 +51,13 @@ import orjson
 from contracts.qnn import PREDICT_PATH, build_predict_body, parse_predict_response
 from contracts.requests import DatasetRef, ForecastRequest, request_fingerprint
 from db.migrate import migrate
-from db.pool import connect, create_pool, database_url
-from worker.datasets import import_datasets, resolve_request
-from worker.plots import plot_run
-from worker.result_checks import check_result
-from worker.scoring import accuracy_report, format_accuracy, score_pending
+from db.pool import connect, create_pool
+from worker.analytics.accuracy import accuracy_report, format_accuracy, score_pending
+from worker.analytics.plots import plot_run
+from worker.core.result_checks import check_result
+from worker.ops.datasets import import_datasets
+from worker.runtime.connections import database_url
+from worker.runtime.history import resolve_request
 from worker.settings import Settings
 
 REGION = "England-Wales"
@@ -184,12 +187,12 @@ async def worker_forecasts(
     from producers.publisher import Publisher
     from qnn_emulator.server import running_emulator
     from qnn_emulator.settings import EmulatorSettings
-    from worker import logs
-    from worker.app import Worker
+    from worker.observability import logs
+    from worker.runtime.app import Worker
 
     # The tests' broker helpers (local RabbitMQ, throwaway vhost), imported dynamically because
-    # tests/infra.py is not typed for mypy --strict (docker has no stubs).
-    infra = importlib.import_module("tests.infra")
+    # tests/support/infra.py is not typed for mypy --strict (docker has no stubs).
+    infra = importlib.import_module("tests.support.infra")
     logs.configure("WARNING", json=False)
     with contextlib.ExitStack() as stack:
         amqp_url = Settings().amqp_url.get_secret_value()

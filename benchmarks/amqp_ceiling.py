@@ -38,7 +38,7 @@ from benchmarks.harness import (
     stop_all,
     template_index,
 )
-from worker import topology
+from producers import topology
 
 
 async def serve(amqp_url: str, fixtures: list[dict[str, Any]], prefetch: int) -> int:

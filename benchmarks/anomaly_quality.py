@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from numpy.typing import NDArray
 
-from worker.anomalies import (
+from worker.core.anomalies import (
     INPUT_DROP,
     INPUT_FLATLINE,
     INPUT_SPIKE,

@@ -1,13 +1,14 @@
 """DB ceiling: plain asyncpg writing what eglo writes per request, with durable commits.
 
-Per request, the rows eglo writes (`worker/store.py`, `worker/records.py`): one optimization_runs
+Per request, the rows eglo writes (`worker/runtime/store.py`, `worker/core/records.py`):
+one optimization_runs
 row (the request as input_payload, the real QNN result of its template as result_payload), one
 qnn_execution_metrics row, two outbox rows (run.completed.<type> and embedding.requested, real
 bodies). Writers take batches of `batch` requests, each batch one transaction of three
 `INSERT ... SELECT FROM unnest(...)` statements, over `writers` connections; after the commit the
 writer marks the batch's events published (`UPDATE outbox SET published_at = now() WHERE
 event_id = ANY(...)`, its own commit), which is what eglo's outbox relay does to the database
-once the broker has confirmed them (worker/outbox.py, fast path). No broker. Runs in the
+once the broker has confirmed them (worker/runtime/outbox.py, fast path). No broker. Runs in the
 benchmark's own process; its CPU and the Postgres server's are reported.
 """
 

@@ -38,8 +38,8 @@ from benchmarks.harness import (
     spawn_module,
     stop_all,
 )
-from worker import topology
-from worker.processes import free_port, spawn
+from producers import topology
+from worker.ops.processes import free_port, spawn
 
 
 @dataclass

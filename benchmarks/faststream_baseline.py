@@ -38,7 +38,7 @@ from contracts.events import EMBEDDING_REQUESTED, EmbeddingRequested, RunOutcome
 from contracts.qnn import PREDICT_PATH, build_predict_body, parse_predict_response
 from contracts.requests import request_fingerprint
 from producers.reader import parse_request
-from worker.result_checks import check_result
+from worker.core.result_checks import check_result
 
 PREFETCH = int(os.environ.get("EGLO_PREFETCH", "64"))
 

@@ -1,8 +1,8 @@
 """Real QNN answers for the request templates, so the ceilings write and publish what eglo does.
 
 Each template is sent once to the running emulator; its answer is checked the way eglo checks it
-(`worker.result_checks.check_result`) and turned into the events eglo itself sends
-(`worker.records.RunRecord.events()`: run.completed.<type>, embedding.requested). The ceilings
+(`worker.core.result_checks.check_result`) and turned into the events eglo itself sends
+(`worker.core.records.RunRecord.events()`: run.completed.<type>, embedding.requested). The ceilings
 then only swap ids per request. The same pass measures the emulator's CPU per call by request
 type (it competes for the cores with the worker).
 """
@@ -21,8 +21,8 @@ from benchmarks.harness import Bench, process_cpu
 from contracts.qnn import PREDICT_PATH, build_predict_body, parse_predict_response
 from contracts.requests import AnyRequest, request_fingerprint
 from contracts.results import ExecutionMetadata
-from worker.records import RunRecord
-from worker.result_checks import check_result
+from worker.core.records import RunRecord
+from worker.core.result_checks import check_result
 
 
 @dataclass

@@ -31,12 +31,12 @@ import psutil
 from contracts.requests import AnyRequest
 from db.migrate import migrate
 from db.pool import connect
+from producers import topology
 from producers.publisher import Publisher
 from producers.reader import parse_request
 from producers.sample import generate_requests
-from tests import infra
-from worker import topology
-from worker.processes import free_port, spawn, stop, wait_http_ok
+from tests.support import infra
+from worker.ops.processes import free_port, spawn, stop, wait_http_ok
 
 LOG_ROOT = Path(".eglo/bench")
 EVENTS_QUEUE = "bench.events"

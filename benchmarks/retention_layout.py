@@ -5,7 +5,8 @@
 Two scratch databases on the configured (or embedded) Postgres, dropped afterwards:
 
 * brin: the real schema (every db/migrations/*.sql) — one table, UNIQUE (request_id), a BRIN
-  index on created_at; old months are deleted by `worker.maintenance.run_maintenance` (batches of
+  index on created_at; old months are deleted by
+  `worker.ops.maintenance.run_maintenance` (batches of
   physical blocks) and the tables vacuumed.
 * partitioned: optimization_runs and qnn_execution_metrics partitioned by month of the run's
   created_at. A partitioned table's unique constraints must include the partition key, so
@@ -46,11 +47,12 @@ from pydantic import TypeAdapter
 
 from contracts.requests import AnyRequest, OptimizationRequest, request_fingerprint
 from db.migrate import migrate
-from db.pool import connect, create_pool, database_url
+from db.pool import connect, create_pool
 from producers.sample import generate_requests
 from qnn_emulator.predictors import predict
-from worker.maintenance import run_maintenance
-from worker.result_checks import check_result
+from worker.core.result_checks import check_result
+from worker.ops.maintenance import run_maintenance
+from worker.runtime.connections import database_url
 from worker.settings import Settings
 
 ADAPTER: TypeAdapter[AnyRequest] = TypeAdapter(OptimizationRequest)
@@ -68,7 +70,7 @@ _SELECT_T = """t.id, t.request_id, t.request_type, t.region, t.forecast_date,
     t.input_payload::jsonb, t.fingerprint, t.result_payload::jsonb, t.status, t.model_id,
     t.execution_s, t.attempts, t.created_at, t.created_at"""
 
-# The worker's statement (worker/store.py) with created_at given, so rows span months.
+# The worker's statement (worker/runtime/store.py) with created_at given, so rows span months.
 INSERT_BRIN = f"""
 INSERT INTO optimization_runs ({_RUN_COLUMNS})
 SELECT {_SELECT_T} FROM {_UNNEST}

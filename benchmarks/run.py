@@ -37,7 +37,7 @@ from benchmarks import amqp_ceiling, db_ceiling, e2e
 from benchmarks.fixtures import build_fixtures
 from benchmarks.harness import LOG_ROOT, Drain, Latency, open_bench, wait_quiet
 from benchmarks.report import num, verdict, write_section
-from worker.metrics import STAGES
+from worker.observability.metrics import STAGES
 
 PHASES = ("db", "eglo", "amqp", "baseline", "scaleout", "memory")
 T = TypeVar("T")

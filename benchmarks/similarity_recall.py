@@ -5,7 +5,8 @@
 Builds a scratch database on the configured server (EGLO_DATABASE_URL, else the embedded one),
 applies the migrations, stores `--n` runs with features-v1 embeddings of varied synthetic
 scenarios (perturbations of `producers.sample` requests), builds the HNSW index, then runs
-`worker.similarity.similar_runs` for `--queries` runs at each `--ef-search` and compares its
+`worker.analytics.similarity.similar_runs` for `--queries` runs at each `--ef-search` and
+compares its
 top-k with the exact top-k (numpy over the same float32 vectors, checked against a brute-force
 SQL scan). The scratch database is dropped at the end unless --keep.
 """
@@ -28,11 +29,12 @@ import numpy as np
 import numpy.typing as npt
 
 from db.migrate import migrate
-from db.pool import connect, create_pool, database_url
+from db.pool import connect, create_pool
 from producers.sample import generate_requests
-from worker.embeddings import FEATURES_MODEL, FeaturesEmbedder, MiniLMEmbedder, scenario_core
+from worker.analytics.similarity import search_sql, similar_runs
+from worker.embedder.backends import FEATURES_MODEL, FeaturesEmbedder, MiniLMEmbedder, scenario_core
+from worker.runtime.connections import database_url
 from worker.settings import Settings
-from worker.similarity import search_sql, similar_runs
 
 INDEX = "optimization_embeddings_features_v1_hnsw"
 PROFILE_KEYS = {

@@ -41,8 +41,8 @@ from benchmarks.harness import (
     publish_backlog,
     wait_quiet,
 )
-from worker.metrics import STAGES
-from worker.processes import free_port, spawn, stop, wait_http_ok
+from worker.observability.metrics import STAGES
+from worker.ops.processes import free_port, spawn, stop, wait_http_ok
 
 STAGE_METRIC = "eglo_request_stage_duration_seconds"
 QNN_METRIC = "eglo_qnn_request_duration_seconds"

@@ -69,7 +69,7 @@ def build_predict_body(
 def parse_predict_response(request_type: str, body: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
     """Find the result object and execution metadata in a body; MalformedResponse if there is none.
 
-    Only locates the data; `worker.result_checks` decides whether the numbers are valid.
+    Only locates the data; `worker.core.result_checks` decides whether the numbers are valid.
     """
     try:
         doc = orjson.loads(body)

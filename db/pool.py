@@ -2,24 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import asyncpg
 import orjson
 from pgvector.asyncpg import register_vector
-
-from db.embedded import embedded_database_url
-from worker.settings import Settings
-from worker.tls import database_tls_url, explain
-
-
-def database_url(settings: Settings) -> str:
-    """The configured URL (with the TLS settings as libpq parameters), or the embedded server's."""
-    if settings.database_url is not None:
-        return database_tls_url(settings.database_url.get_secret_value(), settings)
-    return embedded_database_url(settings.data_dir)
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -49,27 +36,14 @@ class _NoResetConnection(asyncpg.Connection):  # type: ignore[misc]
 
 async def create_pool(url: str, *, size: int = 8, **kwargs: Any) -> asyncpg.Pool:
     kwargs.setdefault("connection_class", _NoResetConnection)
-    with _tls_explained(url):
-        pool = await asyncpg.create_pool(
-            url, min_size=min(2, size), max_size=size, init=_init_connection, **kwargs
-        )
+    pool = await asyncpg.create_pool(
+        url, min_size=min(2, size), max_size=size, init=_init_connection, **kwargs
+    )
     assert pool is not None
     return pool
 
 
 async def connect(url: str) -> asyncpg.Connection:
-    with _tls_explained(url):
-        conn = await asyncpg.connect(url)
+    conn = await asyncpg.connect(url)
     await _init_connection(conn)
     return conn
-
-
-@contextlib.contextmanager
-def _tls_explained(url: str) -> Iterator[None]:
-    """A failed TLS handshake comes out as a TlsError that says what to fix."""
-    try:
-        yield
-    except Exception as exc:
-        if (error := explain(exc, url, server="Postgres", setting="EGLO_DATABASE")) is not None:
-            raise error from exc
-        raise

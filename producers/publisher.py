@@ -14,11 +14,15 @@ from typing import Any
 import aio_pika
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractExchange
-from opentelemetry import propagate
+from opentelemetry import propagate, trace
 
 from contracts.requests import AnyRequest
 from contracts.topology import PUBLISHED_AT_HEADER
-from worker import tls, topology, tracing
+from producers import topology
+from producers.broker import connect_broker
+
+# Straight through OpenTelemetry's API: a producer application installs its own provider (or none).
+_tracer = trace.get_tracer("eglo")
 
 
 @dataclass
@@ -37,7 +41,7 @@ class Publisher:
     @classmethod
     @contextlib.asynccontextmanager
     async def connect(cls, amqp_url: str) -> AsyncIterator[Publisher]:
-        connection = await tls.connect_broker(amqp_url, name="eglo-publisher")
+        connection = await connect_broker(amqp_url, name="eglo-publisher")
         async with connection:
             channel = await connection.channel(publisher_confirms=True)
             topo = await topology.declare(channel)
@@ -65,9 +69,9 @@ class Publisher:
         **properties: Any,
     ) -> None:
         """Send arbitrary bytes (tests use it for malformed input)."""
-        with tracing.tracer.start_as_current_span(
+        with _tracer.start_as_current_span(
             f"{topology.REQUESTS_EXCHANGE} publish",
-            kind=tracing.SpanKind.PRODUCER,
+            kind=trace.SpanKind.PRODUCER,
             attributes={
                 "messaging.system": "rabbitmq",
                 "messaging.rabbitmq.destination.routing_key": routing_key,

@@ -6,7 +6,6 @@ import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
 
 import aio_pika
 import asyncpg
@@ -14,9 +13,8 @@ import pytest
 
 from db.migrate import migrate
 from db.pool import connect, create_pool
-from tests import infra
-from worker import logs
-from worker.settings import Settings
+from tests.support import infra
+from worker.observability import logs
 
 logs.configure("WARNING", json=False)
 
@@ -100,21 +98,3 @@ async def emulator() -> AsyncIterator[str]:
         yield url
 
 
-def make_settings(amqp_url: str, database_url: str, qnn_url: str, **overrides: Any) -> Settings:
-    """Test settings: fast retries and delay tiers, a free metrics port, small grace."""
-    values: dict[str, Any] = dict(
-        amqp_url=amqp_url,
-        database_url=database_url,
-        qnn_url=qnn_url,
-        metrics_port=0,
-        metrics_host="127.0.0.1",
-        qnn_backoff_initial_s=0.01,
-        qnn_backoff_max_s=0.1,
-        qnn_timeout_s=2.0,
-        retry_delays_s=[0.2, 0.5],
-        shutdown_grace_s=5.0,
-        prefetch=64,
-        outbox_poll_s=0.1,
-    )
-    values.update(overrides)
-    return Settings(**values)

@@ -10,12 +10,12 @@ from aio_pika.abc import AbstractRobustConnection
 from producers.publisher import Publisher
 from producers.reader import parse_request
 from producers.sample import generate_requests
-from tests.conftest import make_settings
-from tests.harness import (
+from tests.support.harness import (
     bind_event_queue,
     drain_queue,
     event_bodies,
     events_sent,
+    make_settings,
     running_worker,
     wait_for,
 )

@@ -15,10 +15,11 @@ import pytest
 from aio_pika.abc import AbstractRobustConnection
 
 from contracts.topology import request_routing_key
+from producers import topology
 from producers.publisher import Publisher
 from producers.reader import parse_request
 from producers.sample import generate_requests
-from tests.api_support import (
+from tests.support.api_support import (
     OPERATOR,
     READER,
     SUBMITTER,
@@ -27,9 +28,7 @@ from tests.api_support import (
     empty_api_tables,
     sample,
 )
-from tests.conftest import make_settings
-from tests.harness import running_worker, wait_for
-from worker import topology
+from tests.support.harness import make_settings, running_worker, wait_for
 from worker.api.app import SUBMIT_ROUTES
 from worker.settings import Settings
 
@@ -356,7 +355,7 @@ async def test_dead_letters_listed_and_replayed_with_an_audit_row(
             (doc["request_id"], "unsupported_content_type")
         ]
         # Replayed with no worker running: with one, a letter that is dead-lettered again at
-        # once comes back into the DLQ while worker.dlq's replay is still draining it.
+        # once comes back into the DLQ while worker.ops.dlq's replay is still draining it.
         refused = await client.post(
             "/dead-letters/replay", json={"reason": "invalid_json"}, headers=bearer(READER)
         )

@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 from producers.publisher import Publisher
-from tests.api_support import (
+from tests.support.api_support import (
     OPERATOR,
     READER,
     SUBMITTER,
@@ -24,8 +24,7 @@ from tests.api_support import (
     sample,
     serving,
 )
-from tests.conftest import make_settings
-from tests.harness import running_worker
+from tests.support.harness import make_settings, running_worker
 from worker.api.console import COOKIE, csrf_token
 from worker.settings import Settings
 

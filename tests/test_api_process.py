@@ -13,8 +13,8 @@ from pathlib import Path
 import asyncpg
 import httpx
 
-from tests.api_support import OPERATOR, SUBMITTER, TOKENS_TEXT, bearer, sample
-from tests.harness import wait_for
+from tests.support.api_support import OPERATOR, SUBMITTER, TOKENS_TEXT, bearer, sample
+from tests.support.harness import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,9 +12,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from tests.api_support import OPERATOR, empty_api_tables, serving
-from tests.conftest import make_settings
-from tests.harness import running_worker
+from tests.support.api_support import OPERATOR, empty_api_tables, serving
+from tests.support.harness import make_settings, running_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKS = (

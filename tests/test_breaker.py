@@ -10,9 +10,8 @@ import httpx
 from producers.publisher import Publisher
 from producers.reader import parse_request
 from producers.sample import generate_requests
-from tests.conftest import make_settings
-from tests.harness import running_worker, scrape, wait_for
-from worker.breaker import CircuitBreaker, State
+from tests.support.harness import make_settings, running_worker, scrape, wait_for
+from worker.runtime.breaker import CircuitBreaker, State
 
 
 async def test_opens_after_threshold_probes_and_closes() -> None:

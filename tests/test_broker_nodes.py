@@ -13,11 +13,17 @@ import aio_pika
 import pytest
 from pydantic import SecretStr, ValidationError
 
-from worker import tls
-from worker.broker import BrokerUrlError, FailoverConnection, broker_urls, node_address
-from worker.gates import BrokerWatch
-from worker.metrics import Metrics
-from worker.processes import free_port
+from producers.broker import (
+    BrokerUrlError,
+    FailoverConnection,
+    broker_urls,
+    connect_broker,
+    node_address,
+)
+from worker.observability.metrics import Metrics
+from worker.ops.processes import free_port
+from worker.runtime import connections
+from worker.runtime.gates import BrokerWatch
 from worker.settings import Settings
 
 
@@ -64,7 +70,7 @@ def test_tls_options_go_to_every_node(tmp_path: Path) -> None:
     ca = tmp_path / "ca.pem"
     ca.write_text("x")
     settings = Settings(amqp_url=SecretStr("amqps://u:p@a:5671/,b,c:5999"), amqp_ca_file=ca)
-    urls = tls.amqp_url(settings).split(",")
+    urls = connections.amqp_url(settings).split(",")
     assert [urlsplit(u).netloc for u in urls] == ["u:p@a:5671", "u:p@b:5671", "u:p@c:5999"]
     assert all(f"cafile={str(ca).replace('/', '%2F')}" in u for u in urls)
 
@@ -128,7 +134,7 @@ def _with_port(url: str, port: int) -> str:
 
 async def test_connects_to_a_live_node_when_the_first_is_down(amqp_url: str) -> None:
     dead = _with_port(amqp_url, free_port())
-    connection = await tls.connect_broker(f"{dead},{amqp_url}", name="t", shuffle=False)
+    connection = await connect_broker(f"{dead},{amqp_url}", name="t", shuffle=False)
     async with connection:
         assert isinstance(connection, FailoverConnection)
         assert connection.node == node_address(amqp_url)
@@ -137,13 +143,13 @@ async def test_connects_to_a_live_node_when_the_first_is_down(amqp_url: str) -> 
 async def test_no_live_node_raises_the_error_of_the_last_one(amqp_url: str) -> None:
     dead = [_with_port(amqp_url, free_port()) for _ in range(2)]
     with pytest.raises(ConnectionError):
-        await tls.connect_broker(",".join(dead), name="t", shuffle=False)
+        await connect_broker(",".join(dead), name="t", shuffle=False)
 
 
 async def test_fails_over_to_the_next_node_when_its_node_is_lost(amqp_url: str) -> None:
     async with _proxy(amqp_url) as proxy:
         first = _with_port(amqp_url, proxy.port)
-        connection = await tls.connect_broker(
+        connection = await connect_broker(
             f"{first},{amqp_url}", name="t", shuffle=False, reconnect_interval=5
         )
         async with connection:
@@ -175,7 +181,7 @@ async def test_processes_spread_over_the_nodes(amqp_url: str) -> None:
         url = f"{_with_port(amqp_url, a.port)},{_with_port(amqp_url, b.port)},{amqp_url}"
         chosen = set()
         for _ in range(20):
-            connection = await tls.connect_broker(url, name="t")
+            connection = await connect_broker(url, name="t")
             async with connection:
                 assert isinstance(connection, FailoverConnection)
                 chosen.add(connection.node)

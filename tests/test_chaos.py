@@ -7,10 +7,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests import infra
 from tests.chaos.environment import ChaosDatabase, chaos_database
 from tests.chaos.runner import format_table, run_scenario
 from tests.chaos.scenarios import scenarios
+from tests.support import infra
 
 SHORT = {s.name: s for s in scenarios(300, db_down_s=5)}
 

@@ -11,7 +11,7 @@ import pytest
 from tests.chaos.cluster_scenarios import cluster_scenarios
 from tests.chaos.environment import ChaosDatabase, chaos_database
 from tests.chaos.runner import format_cluster_table, run_scenario
-from tests.cluster import RabbitCluster, rabbit_cluster
+from tests.support.cluster import RabbitCluster, rabbit_cluster
 from worker.settings import Settings
 
 SHORT = {s.name: s for s in cluster_scenarios(200)}

@@ -31,20 +31,20 @@ import pytest
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from aiohttp import web
 
+from producers import topology
 from producers.publisher import Publisher
 from producers.reader import parse_request
 from producers.sample import generate_requests
-from tests import stub_qnn as stubs
-from tests.conftest import make_settings
-from tests.harness import (
+from tests.support import stub_qnn as stubs
+from tests.support.harness import (
     bind_event_queue,
     drain_queue,
     events_sent,
+    make_settings,
     running_worker,
     save_figures,
     wait_for,
 )
-from worker import topology
 
 CODEGEN = Path(__file__).parent / "codegen"
 NODE_MODULES = CODEGEN / "node_modules"

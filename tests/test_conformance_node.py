@@ -19,8 +19,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from tests.conftest import make_settings
-from tests.harness import running_worker, save_figures
+from tests.support.harness import make_settings, running_worker, save_figures
 
 ROOT = Path(__file__).resolve().parent.parent
 NODE_DIR = ROOT / "tests" / "node"

@@ -33,9 +33,8 @@ from hypothesis_jsonschema import from_schema
 
 from contracts import wire
 from contracts.rules import RULES
-from tests.conftest import make_settings
-from tests.harness import running_worker, save_figures
-from worker import topology
+from producers import topology
+from tests.support.harness import make_settings, running_worker, save_figures
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = json.loads((ROOT / "docs/schemas/request.v1.json").read_text())

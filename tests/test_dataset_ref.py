@@ -10,8 +10,7 @@ import asyncpg
 
 from producers.publisher import Publisher
 from producers.reader import parse_request
-from tests.conftest import make_settings
-from tests.harness import running_worker, wait_for
+from tests.support.harness import make_settings, running_worker, wait_for
 
 START = date(2025, 3, 3)
 
@@ -63,7 +62,7 @@ async def test_completed_forecast_is_scored_against_stored_actuals(
     amqp_url: str, database_url: str, pool: asyncpg.Pool, emulator: str
 ) -> None:
     """Actuals already stored: the worker scores the forecast soon after it completes."""
-    from tests.harness import metric
+    from tests.support.harness import metric
 
     history = await _store_days(pool, "Scoreland", 8)  # 7 days of history + the actual day
     doc = _request("scored", "Scoreland", 7)
@@ -81,7 +80,7 @@ async def test_completed_forecast_is_scored_against_stored_actuals(
 
 
 async def _gauge_present(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float] | None:
-    from tests.harness import scrape
+    from tests.support.harness import scrape
 
     samples = await scrape(port)
     has = any(name == "eglo_forecast_mape_percent" for name, _ in samples)

@@ -19,17 +19,9 @@ from contracts.requests import (
     SimulationRequest,
     StorageRequest,
 )
-from worker.datasets import (
-    DatasetError,
-    DatasetFormatError,
-    DatasetNotFound,
-    format_datasets,
-    import_datasets,
-    list_datasets,
-    load_history,
-    resolve_dataset_ref,
-    resolve_request,
-)
+from worker.core.history import DatasetError, DatasetNotFound, resolve_dataset_ref
+from worker.ops.datasets import DatasetFormatError, format_datasets, import_datasets, list_datasets
+from worker.runtime.history import load_history, resolve_request
 
 DAY = date(2025, 6, 1)
 

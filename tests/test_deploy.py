@@ -223,10 +223,10 @@ def _exposed_names(text: str) -> set[str]:
 
 @pytest.fixture(scope="module")
 def served_metrics() -> set[str]:
-    """Names on /metrics of worker.http serving a worker's registry plus the embedder's metrics."""
-    from worker import http
-    from worker.embedder import EmbedderMetrics
-    from worker.metrics import Metrics
+    """Names on /metrics of runtime/health, serving a worker's registry and the embedder's."""
+    from worker.embedder.service import EmbedderMetrics
+    from worker.observability.metrics import Metrics
+    from worker.runtime import health as http
 
     async def scrape() -> str:
         metrics = Metrics()
@@ -318,7 +318,7 @@ def test_runbook_entries_say_how_to_confirm_and_act() -> None:
 
 
 def _known_setting(key: str) -> bool:
-    from worker.embedder import EmbedderConfig
+    from worker.embedder.service import EmbedderConfig
 
     fields = {f"EGLO_{name.upper()}" for name in Settings.model_fields}
     # The embedder reads Settings.embedder_<field> for each EmbedderConfig field.
@@ -593,7 +593,7 @@ def test_deployments_wait_for_the_schema(k8s_docs: dict[str, list[dict[str, Any]
 def test_keda_scales_the_worker_on_the_requests_queue(
     k8s_docs: dict[str, list[dict[str, Any]]],
 ) -> None:
-    from worker.topology import REQUESTS_QUEUE
+    from producers.topology import REQUESTS_QUEUE
 
     docs = kustomized(k8s_docs)
     [scaled] = by_kind(docs, "ScaledObject")
@@ -683,9 +683,9 @@ def _healthcheck_code() -> str:
 
 
 def test_image_healthcheck_command_probes_healthz() -> None:
-    """Run the HEALTHCHECK's Python against worker.http: 0 when serving, 1 when not."""
-    from worker import http
-    from worker.metrics import Metrics
+    """Run the HEALTHCHECK's Python against worker.runtime.health: 0 when serving, 1 when not."""
+    from worker.observability.metrics import Metrics
+    from worker.runtime import health as http
 
     code = _healthcheck_code()
 

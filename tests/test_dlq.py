@@ -7,21 +7,21 @@ import asyncpg
 import orjson
 from aio_pika.abc import AbstractRobustConnection
 
+from producers import topology
 from producers.publisher import Publisher
 from producers.reader import parse_request
 from producers.sample import generate_requests
-from tests import stub_qnn as stubs
-from tests.conftest import make_settings
-from tests.harness import (
+from tests.support import stub_qnn as stubs
+from tests.support.harness import (
     bind_event_queue,
     drain_queue,
     event_bodies,
+    make_settings,
     queue_depth,
     running_worker,
     wait_for,
 )
-from worker import topology
-from worker.dlq import list_dead_letters, replay_dead_letters
+from worker.ops.dlq import list_dead_letters, replay_dead_letters
 
 
 async def test_list_shows_reasons_and_leaves_letters_in_place(

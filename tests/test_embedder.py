@@ -17,48 +17,31 @@ from aio_pika.abc import AbstractRobustConnection
 
 from contracts.events import EMBEDDING_REQUESTED, EmbeddingRequested
 from contracts.topology import DETAIL_HEADER, REASON_HEADER
+from producers import topology
 from producers.sample import generate_requests
-from tests.conftest import make_settings
-from tests.harness import drain_queue, metric, queue_depth, scrape, wait_for
-from tests.test_embeddings import fake_vector, running_fake_api
-from worker import embedder as embedder_module
-from worker import topology
-from worker.embedder import EMBEDDINGS_DLQ, EMBEDDINGS_QUEUE, EmbedderConfig, EmbedderService
-from worker.embeddings import (
+from tests.support.embeddings import fake_vector, running_fake_api
+from tests.support.harness import drain_queue, make_settings, metric, queue_depth, scrape, wait_for
+from tests.support.runs import insert_runs
+from worker.embedder import service as embedder_module
+from worker.embedder.backends import (
     EmbedderNotInstalled,
     FeaturesEmbedder,
     OpenAIEmbedder,
     scenario_text,
 )
-from worker.metrics import Metrics
+from worker.embedder.service import (
+    EMBEDDINGS_DLQ,
+    EMBEDDINGS_QUEUE,
+    EmbedderConfig,
+    EmbedderService,
+)
+from worker.observability.metrics import Metrics
 
 CONFIG = EmbedderConfig(
     metrics_port=0, retry_delay_s=0.05, batch_window_ms=5, prefetch=64, max_attempts=3
 )
 
 
-async def insert_runs(pool: asyncpg.Pool, requests: list[dict[str, Any]]) -> list[uuid.UUID]:
-    """Completed runs stored directly, as the worker would have stored them."""
-    ids = [uuid.uuid4() for _ in requests]
-    await pool.executemany(
-        """INSERT INTO optimization_runs (id, request_id, request_type, region, forecast_date,
-               input_payload, request_fingerprint, result_payload)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8)""",
-        [
-            (
-                run_id,
-                r["request_id"],
-                r["request_type"],
-                r["region"],
-                date.fromisoformat(r["forecast_date"]),
-                r,
-                f"fp-{r['request_id']}",
-                {"ok": True},
-            )
-            for run_id, r in zip(ids, requests, strict=True)
-        ],
-    )
-    return ids
 
 
 def requested(run_id: uuid.UUID, request: dict[str, Any]) -> bytes:

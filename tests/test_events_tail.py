@@ -23,8 +23,8 @@ import pytest
 from aio_pika.abc import AbstractExchange, AbstractRobustConnection
 
 from contracts.events import RunOutcome
-from worker import topology
-from worker.events_tail import format_event, tail_events
+from producers import topology
+from worker.ops.events_tail import format_event, tail_events
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 15.0
@@ -183,7 +183,7 @@ async def test_ctrl_c_stops_the_cli_cleanly_and_the_queue_goes_away(
     vhost = _vhost(amqp_url)
     env = {**os.environ, "EGLO_AMQP_URL": amqp_url, "PYTHONPATH": str(ROOT)}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "worker.events_tail", "anomaly.detected.*",
+        sys.executable, "-m", "worker.ops.events_tail", "anomaly.detected.*",
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
     assert proc.stdout is not None and proc.stderr is not None
@@ -220,7 +220,7 @@ def test_format_event() -> None:
 def test_cli_reports_an_unreachable_broker(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from worker.events_tail import add_arguments, run
+    from worker.ops.events_tail import add_arguments, run
 
     monkeypatch.setenv("EGLO_AMQP_URL", "amqp://guest:guest@127.0.0.1:1/")
     parser = argparse.ArgumentParser()

@@ -23,12 +23,18 @@ from contracts.topology import (
     ORIGINAL_USER_ID_HEADER,
     REASON_HEADER,
 )
+from producers import amqp_codec as codec
+from producers import topology
 from producers.sample import generate_requests
-from tests import stub_qnn as stubs
-from tests.conftest import make_settings
-from tests.harness import drain_queue, queue_depth, running_worker, save_figures, wait_for
-from worker import amqp_codec as codec
-from worker import topology
+from tests.support import stub_qnn as stubs
+from tests.support.harness import (
+    drain_queue,
+    make_settings,
+    queue_depth,
+    running_worker,
+    save_figures,
+    wait_for,
+)
 
 
 def _decimal(scale: int, value: int) -> codec.AmqpDecimal:

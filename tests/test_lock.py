@@ -92,7 +92,7 @@ def test_image_and_make_install_from_the_locks() -> None:
 
 
 def test_the_service_runs_without_the_demo_extra(tmp_path: Path) -> None:
-    """Every module but worker.plots imports with matplotlib and pgserver absent; the two
+    """Every module but worker.analytics.plots imports with matplotlib and pgserver absent; the two
     commands that need them say which extra to install."""
     code = textwrap.dedent(
         f"""
@@ -104,7 +104,7 @@ def test_the_service_runs_without_the_demo_extra(tmp_path: Path) -> None:
             for info in pkgutil.walk_packages(
                 importlib.import_module(package).__path__, package + "."
             ):
-                if info.name != "worker.plots" and not info.name.endswith(".__main__"):
+                if info.name != "worker.analytics.plots" and not info.name.endswith(".__main__"):
                     importlib.import_module(info.name)
         from pathlib import Path
         from db.embedded import embedded_database_url

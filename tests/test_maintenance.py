@@ -12,9 +12,9 @@ import asyncpg
 import orjson
 import pytest
 
-from tests.test_scoring import clean, forecast_result, hourly, import_days, insert_run
-from worker.maintenance import MAINTENANCE_LOCK_KEY, retention_cutoff, run_maintenance
-from worker.scoring import score_pending
+from tests.support.runs import clean, forecast_result, hourly, import_days, insert_run
+from worker.analytics.accuracy import score_pending
+from worker.ops.maintenance import MAINTENANCE_LOCK_KEY, retention_cutoff, run_maintenance
 
 NOW = datetime(2025, 6, 15, 12, 0, tzinfo=UTC)
 KEPT = (datetime(2024, 6, 1, tzinfo=UTC), datetime(2025, 1, 20, tzinfo=UTC), NOW)

@@ -8,7 +8,7 @@ import httpx
 from contracts.qnn import build_predict_body
 from producers.reader import parse_request
 from producers.sample import generate_requests
-from worker.monitoring import list_anomalies, model_logs, resolve_anomaly, sync_anomalies
+from worker.ops.monitoring import list_anomalies, model_logs, resolve_anomaly, sync_anomalies
 
 MODEL = "PRETRAINED_QNN_GRID_MODEL"
 

@@ -9,8 +9,8 @@ from typing import Any
 
 import asyncpg
 
-from worker.metrics import Metrics
-from worker.outbox import OutboxRelay
+from worker.observability.metrics import Metrics
+from worker.runtime.outbox import OutboxRelay
 
 
 class _Underlay:

@@ -12,13 +12,19 @@ import orjson
 from aio_pika.abc import AbstractRobustConnection
 
 from contracts.topology import ATTEMPT_HEADER, REASON_HEADER
+from producers import topology
 from producers.publisher import Publisher
 from producers.reader import parse_request
 from producers.sample import generate_requests
-from tests import stub_qnn as stubs
-from tests.conftest import make_settings
-from tests.harness import bind_event_queue, drain_queue, event_bodies, running_worker, wait_for
-from worker import topology
+from tests.support import stub_qnn as stubs
+from tests.support.harness import (
+    bind_event_queue,
+    drain_queue,
+    event_bodies,
+    make_settings,
+    running_worker,
+    wait_for,
+)
 
 
 def _one(kind: str, request_id: str, **changes: Any) -> dict[str, Any]:
@@ -162,7 +168,7 @@ async def test_burst_mode_exits_when_the_queue_is_empty(
     amqp_url: str, database_url: str, pool: asyncpg.Pool, emulator: str
 ) -> None:
     """`--burst` processes what is queued, commits it, and exits 0."""
-    from worker.app import Worker
+    from worker.runtime.app import Worker
 
     async with Publisher.connect(amqp_url) as publisher:
         await publisher.publish_many(

@@ -11,7 +11,7 @@ import pytest
 
 from tests.chaos.cluster_scenarios import failover_scenarios
 from tests.chaos.runner import format_cluster_table, run_scenario
-from tests.pg_pair import PgPair, pg_pair
+from tests.support.pg_pair import PgPair, pg_pair
 
 SHORT = {s.name: s for s in failover_scenarios(200)}
 

@@ -13,22 +13,22 @@ import orjson
 from aio_pika.abc import AbstractRobustConnection
 
 from contracts.topology import REASON_HEADER
+from producers import topology
 from producers.publisher import Publisher
 from producers.reader import parse_request
 from producers.sample import generate_requests
-from tests.conftest import make_settings
-from tests.harness import (
+from tests.support.harness import (
     bind_event_queue,
     drain_queue,
     event_bodies,
     events_sent,
+    make_settings,
     metric,
     queue_depth,
     running_worker,
     scrape,
     wait_for,
 )
-from worker import topology
 
 
 def _routing_key(body: bytes) -> str:
@@ -199,7 +199,7 @@ async def test_every_request_stage_is_timed(
 ) -> None:
     """Each completed request is observed once in each stage from queue wait to the outcome
     event's confirm (the relay's wait: at most once, it is timed from the wake-up it answers)."""
-    from worker.metrics import STAGES
+    from worker.observability.metrics import STAGES
 
     await bind_event_queue(amqp, "run.#")
     requests = generate_requests(40, seed=515, id_prefix="stages")

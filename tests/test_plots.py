@@ -14,9 +14,9 @@ from PIL import Image
 from contracts.requests import AnyRequest
 from producers.sample import generate_requests
 from qnn_emulator.predictors import predict
-from tests.test_scoring import ADAPTER, import_days, insert_run
-from worker.plots import RunNotPlottable, fetch_run, plot_run, save_demo_plots
-from worker.result_checks import check_result
+from tests.support.runs import ADAPTER, import_days, insert_run
+from worker.analytics.plots import RunNotPlottable, fetch_run, plot_run, save_demo_plots
+from worker.core.result_checks import check_result
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

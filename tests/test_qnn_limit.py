@@ -1,4 +1,4 @@
-"""The adaptive QNN concurrency limit (worker/qnn_limit.py) and the emulator quota it meets."""
+"""The adaptive QNN concurrency limit (runtime/qnn_limit.py) and the emulator quota it meets."""
 
 from __future__ import annotations
 
@@ -12,9 +12,8 @@ from producers.reader import parse_request
 from producers.sample import generate_requests
 from qnn_emulator.faults import FaultInjector
 from qnn_emulator.settings import FaultKnobs
-from tests.conftest import make_settings
-from tests.harness import metric, running_worker, scrape, wait_for
-from worker.qnn_limit import AdaptiveLimit
+from tests.support.harness import make_settings, metric, running_worker, scrape, wait_for
+from worker.runtime.qnn_limit import AdaptiveLimit
 
 
 async def test_no_more_calls_in_flight_than_the_limit() -> None:

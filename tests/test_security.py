@@ -12,9 +12,8 @@ import pytest
 from producers.publisher import Publisher
 from producers.reader import parse_request
 from producers.sample import generate_requests
-from tests.conftest import make_settings
-from tests.harness import events_sent, running_worker, wait_for
-from worker.logs import redact
+from tests.support.harness import events_sent, make_settings, running_worker, wait_for
+from worker.observability.logs import redact
 from worker.settings import Settings
 
 

@@ -14,10 +14,9 @@ import pytest
 
 from db.pool import create_pool
 from producers.sample import generate_requests
-from tests.test_embedder import insert_runs
-from tests.test_embeddings import perturbed
-from worker.embeddings import FeaturesEmbedder
-from worker.similarity import (
+from tests.support.embeddings import perturbed
+from tests.support.runs import insert_runs
+from worker.analytics.similarity import (
     INDEXED_MODELS,
     EmbeddingNotFound,
     SimilarRun,
@@ -26,6 +25,7 @@ from worker.similarity import (
     search_sql,
     similar_runs,
 )
+from worker.embedder.backends import FeaturesEmbedder
 
 INDEX_NAMES = {
     "features-v1": "optimization_embeddings_features_v1_hnsw",

@@ -20,9 +20,8 @@ import pytest
 
 from db.migrate import SchemaStatus, migration_files, schema_problem, schema_status
 from db.pool import connect
-from tests.conftest import make_settings
-from tests.harness import apply_first, database_at, running_worker, wait_for
-from worker.gates import DatabaseGate, is_systemic
+from tests.support.harness import apply_first, database_at, make_settings, running_worker, wait_for
+from worker.runtime.gates import DatabaseGate, is_systemic
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -285,9 +284,9 @@ async def test_unexpected_error_on_the_last_delivery_is_dead_lettered_with_a_rea
     import aio_pika
 
     from contracts.topology import REASON_HEADER
-    from worker import topology
-    from worker.consumer import Consumer
-    from worker.metrics import Metrics
+    from producers import topology
+    from worker.observability.metrics import Metrics
+    from worker.runtime.consumer import Consumer
 
     connection = await aio_pika.connect_robust(amqp_url)
     try:
@@ -325,7 +324,7 @@ async def test_embedder_without_a_schema_waits_and_starts_when_migrated(
     import aio_pika
 
     from db.migrate import migrate
-    from worker.embedder import EMBEDDINGS_QUEUE, EmbedderConfig, EmbedderService
+    from worker.embedder.service import EMBEDDINGS_QUEUE, EmbedderConfig, EmbedderService
 
     async with database_at(database_url, None) as url:
         settings = make_settings(amqp_url, url, "http://127.0.0.1:1", db_check_interval_s=0.3)

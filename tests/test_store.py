@@ -13,10 +13,10 @@ from contracts.requests import AnyRequest, request_fingerprint
 from contracts.results import ExecutionMetadata
 from producers.reader import parse_request
 from producers.sample import generate_requests
-from worker.anomalies import Anomaly
-from worker.metrics import Metrics
-from worker.records import RunRecord
-from worker.store import RunStore, SaveResult
+from worker.core.anomalies import Anomaly
+from worker.core.records import RunRecord
+from worker.observability.metrics import Metrics
+from worker.runtime.store import RunStore, SaveResult
 
 META = ExecutionMetadata(model_id="m1", device="sim", n_qubits=8, circuit_depth=40, cost_usd=0.01)
 SPIKE = Anomaly(

@@ -13,9 +13,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from producers.publisher import Publisher
 from producers.reader import parse_request
 from producers.sample import generate_requests
-from tests.conftest import make_settings
-from tests.harness import events_sent, running_worker, wait_for
-from worker import tracing
+from tests.support.harness import events_sent, make_settings, running_worker, wait_for
+from worker.observability import tracing
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
 
 
 def _setup(args: argparse.Namespace) -> Settings:
-    from worker import logs, tracing
+    from worker.observability import logs, tracing
 
     settings = Settings()
     if getattr(args, "prefetch", None) and args.command == "worker":
@@ -48,9 +48,9 @@ def _setup(args: argparse.Namespace) -> Settings:
 
 async def _migrate(settings: Settings) -> int:
     from db.migrate import migrate
-    from db.pool import connect, database_url
+    from worker.runtime.connections import connect_database, database_url
 
-    conn = await connect(database_url(settings))
+    conn = await connect_database(database_url(settings))
     try:
         applied = await migrate(conn)
     finally:
@@ -64,14 +64,14 @@ async def _migrate_check(settings: Settings, wait_s: float) -> int:
     for them: an init container's gate), 2 when the database cannot be asked (unreachable, or
     the role may not read schema_migrations: see db/worker_role.sql)."""
     from db.migrate import schema_status
-    from db.pool import connect, database_url
+    from worker.runtime.connections import connect_database, database_url
 
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait_s
     said = ""
     while True:
         try:
-            conn = await asyncio.wait_for(connect(database_url(settings)), timeout=10)
+            conn = await asyncio.wait_for(connect_database(database_url(settings)), timeout=10)
             try:
                 status = await schema_status(conn)
             finally:
@@ -99,7 +99,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from worker.app import run_worker
+    from worker.runtime.app import run_worker
 
     return _run(run_worker(_setup(args), burst=args.burst))
 
@@ -109,7 +109,7 @@ async def _publish(settings: Settings, args: argparse.Namespace) -> int:
 
     from producers.publisher import Publisher
     from producers.reader import read_requests
-    from worker.tls import amqp_url
+    from worker.runtime.connections import amqp_url
 
     stream = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")  # noqa: SIM115, ASYNC230 - read lazily, a line at a time
     bad = 0
@@ -170,10 +170,10 @@ def cmd_emulator(args: argparse.Namespace) -> int:
 
 
 async def _summary(settings: Settings, prefix: str) -> int:
-    from db.pool import connect, database_url
-    from worker.report import format_summary, summary
+    from worker.analytics.report import format_summary, summary
+    from worker.runtime.connections import connect_database, database_url
 
-    conn = await connect(database_url(settings))
+    conn = await connect_database(database_url(settings))
     try:
         print(format_summary(await summary(conn, prefix)))
     finally:
@@ -186,16 +186,16 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 
 def cmd_db_url(args: argparse.Namespace) -> int:
-    from db.pool import database_url
+    from worker.runtime.connections import database_url
 
     print(database_url(Settings()))
     return 0
 
 
 def cmd_api(args: argparse.Namespace) -> int:
-    from worker import logs
     from worker.api.auth import TokenFileError
     from worker.api.server import load_tokens, main_error, run_api
+    from worker.observability import logs
 
     settings = _setup(args)
     if args.host:
@@ -213,14 +213,14 @@ def cmd_api(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from worker.demo import run_demo
+    from worker.ops.demo import run_demo
 
     return run_demo(_setup(args), count=args.count)
 
 
 def cmd_dlq(args: argparse.Namespace) -> int:
-    from worker import dlq
-    from worker.tls import amqp_url
+    from worker.ops import dlq
+    from worker.runtime.connections import amqp_url
 
     settings = _setup(args)
     url = amqp_url(settings)
@@ -239,7 +239,7 @@ def _run_value(coro: Coroutine[Any, Any, T]) -> T:
 
 
 def cmd_embedder(args: argparse.Namespace) -> int:
-    from worker.embedder import run_embedder
+    from worker.embedder.service import run_embedder
 
     settings = _setup(args)
     if args.prefetch:
@@ -248,7 +248,7 @@ def cmd_embedder(args: argparse.Namespace) -> int:
 
 
 def cmd_similar(args: argparse.Namespace) -> int:
-    from worker.similarity import run_similar
+    from worker.analytics.similarity import run_similar
 
     settings = _setup(args)
     return _run(
@@ -257,12 +257,12 @@ def cmd_similar(args: argparse.Namespace) -> int:
 
 
 async def _anomalies(settings: Settings, args: argparse.Namespace) -> int:
-    from db.pool import create_pool, database_url
-    from worker import monitoring
-    from worker.qnn import call_limits, make_http_client
+    from worker.ops import monitoring
+    from worker.runtime.connections import database_url, open_pool
+    from worker.runtime.qnn import call_limits, make_http_client
 
     limits = call_limits(settings)
-    pool = await create_pool(database_url(settings), size=2)
+    pool = await open_pool(database_url(settings), size=2)
     try:
         async with make_http_client(settings) as qnn:
             if args.anomalies_command == "sync":
@@ -294,8 +294,8 @@ def cmd_anomalies(args: argparse.Namespace) -> int:
 
 
 async def _qnn_logs(settings: Settings, model_id: str, limit: int) -> int:
-    from worker.monitoring import model_logs
-    from worker.qnn import call_limits, make_http_client
+    from worker.ops.monitoring import model_logs
+    from worker.runtime.qnn import call_limits, make_http_client
 
     async with make_http_client(settings) as qnn:
         for entry in (await model_logs(qnn, model_id, limits=call_limits(settings)))[-limit:]:
@@ -309,9 +309,9 @@ def cmd_qnn_logs(args: argparse.Namespace) -> int:
 
 @contextlib.asynccontextmanager
 async def _pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
-    from db.pool import create_pool, database_url
+    from worker.runtime.connections import database_url, open_pool
 
-    pool = await create_pool(database_url(settings), size=2)
+    pool = await open_pool(database_url(settings), size=2)
     try:
         yield pool
     finally:
@@ -321,8 +321,8 @@ async def _pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
 async def _datasets(settings: Settings, args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from worker import datasets
-    from worker.scoring import score_pending
+    from worker.analytics.accuracy import score_pending
+    from worker.ops import datasets
 
     async with _pool(settings) as pool:
         if args.datasets_command == "list":
@@ -352,7 +352,7 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 
 
 async def _report_accuracy(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.scoring import accuracy_report, format_accuracy, score_pending
+    from worker.analytics.accuracy import accuracy_report, format_accuracy, score_pending
 
     async with _pool(settings) as pool:
         if args.score:
@@ -367,7 +367,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 async def _plot(settings: Settings, args: argparse.Namespace) -> int:
     try:
-        from worker.plots import RunNotPlottable, plot_run
+        from worker.analytics.plots import RunNotPlottable, plot_run
     except ImportError as exc:  # matplotlib is in the demo extra, not in the image
         print(f"eglo plot: {exc.name} is not installed (install eglo[demo])", file=sys.stderr)
         return 2
@@ -386,7 +386,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 async def _maintenance(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.maintenance import run_maintenance
+    from worker.ops.maintenance import run_maintenance
 
     archive = args.archive_dir or settings.archive_dir
     async with _pool(settings) as pool:
@@ -412,7 +412,7 @@ def cmd_asyncapi(args: argparse.Namespace) -> int:
 
 
 def cmd_events_tail(args: argparse.Namespace) -> int:
-    from worker.events_tail import run
+    from worker.ops.events_tail import run
 
     _setup(args)
     return run(args)
@@ -420,7 +420,7 @@ def cmd_events_tail(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from qnn_emulator.cli import add_arguments as add_emulator_arguments
-    from worker.events_tail import add_arguments as add_tail_arguments
+    from worker.ops.events_tail import add_arguments as add_tail_arguments
 
     parser = argparse.ArgumentParser(prog="eglo", description="Energy Grid Load Optimizer")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -570,7 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from worker.tls import TlsError
+    from producers.tls import TlsError
 
     args = build_parser().parse_args(argv)
     try:

@@ -170,7 +170,7 @@ class Settings(BaseSettings):
 
     qnn_adaptive_concurrency: bool = Field(
         default=True,
-        description="Adapt how many QNN calls are in flight to its 429s (worker/qnn_limit.py); "
+        description="Adapt how many QNN calls are in flight to its 429s (runtime/qnn_limit.py); "
         "never more than the prefetch or qnn_max_connections.",
     )
     qnn_concurrency_initial: int = Field(
@@ -191,7 +191,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _tls_files_fit_urls(self) -> Settings:
-        from worker.broker import broker_urls
+        from producers.broker import broker_urls
 
         amqp_files = (self.amqp_ca_file, self.amqp_cert_file, self.amqp_key_file)
         urls = broker_urls(self.amqp_url.get_secret_value())

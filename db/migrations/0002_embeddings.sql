@@ -2,7 +2,7 @@
 -- The embedding column has no fixed dimension, and HNSW needs one: each index casts to its
 -- model's dimension and covers only that model's rows. A query uses an index only when it
 -- repeats the same expression (embedding::vector(N)), operator class (cosine: <=>) and
--- predicate (model = '...'), as worker/similarity.py does.
+-- predicate (model = '...'), as worker/analytics/similarity.py does.
 -- Idempotent. On a large existing table, build these first with CREATE INDEX CONCURRENTLY under
 -- the same names (this migration then finds them and skips), since a plain build blocks writes.
 -- m and ef_construction: benchmarks/similarity_recall.py, figures in docs/similarity.md.

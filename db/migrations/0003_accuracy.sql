@@ -1,6 +1,6 @@
 -- eglo schema v3: forecast accuracy. One score per completed forecast run, measured against the
 -- energy_datasets rows of the days it forecast, and a rolling rollup per model and region.
--- Idempotent (IF NOT EXISTS throughout). Written by worker/scoring.py; see docs/accuracy.md.
+-- Idempotent (IF NOT EXISTS throughout). Written by worker/analytics/accuracy.py; see docs/accuracy.md.
 
 CREATE TABLE IF NOT EXISTS forecast_scores (
     -- The primary key doubles as the "one score per run" rule that upserts conflict on.

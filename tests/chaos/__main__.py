@@ -1,7 +1,7 @@
 """`python -m tests.chaos [--short] [--cluster] [--only NAME]`: run the scenarios, print the table.
 
 `--cluster`: the scenarios of issue 13 instead: a Postgres primary lost and its standby promoted
-(tests/pg_pair.py), then the RabbitMQ cluster scenarios on 3 nodes of the suite's own.
+(tests/support/pg_pair.py), then the RabbitMQ cluster scenarios on 3 nodes of the suite's own.
 """
 
 from __future__ import annotations
@@ -10,18 +10,18 @@ import argparse
 import asyncio
 import sys
 
-from tests import infra
 from tests.chaos.cluster_scenarios import DUPLICATE_EVENTS_MAX
 from tests.chaos.environment import chaos_database
 from tests.chaos.runner import Row, format_cluster_table, format_table, run_scenario
 from tests.chaos.scenarios import scenarios
-from worker import logs
+from tests.support import infra
+from worker.observability import logs
 
 
 async def main_cluster(short: bool, only: list[str]) -> list[Row]:
     from tests.chaos.cluster_scenarios import cluster_scenarios, failover_scenarios
-    from tests.cluster import rabbit_cluster
-    from tests.pg_pair import pg_pair
+    from tests.support.cluster import rabbit_cluster
+    from tests.support.pg_pair import pg_pair
 
     size = 200 if short else 2000
     chosen = [s for s in cluster_scenarios(size) if not only or s.name in only]

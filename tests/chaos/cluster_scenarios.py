@@ -1,4 +1,4 @@
-"""Scenarios on a 3-node RabbitMQ cluster of the suite's own (tests/cluster.py), issue 13.
+"""Scenarios on a 3-node RabbitMQ cluster of the suite's own (tests/support/cluster.py), issue 13.
 
 Each loses one node mid-run and keeps it down until the scenario ends; the node is started again
 before the next scenario. Every row must show 0 lost and 0 duplicate runs; duplicate event
@@ -81,7 +81,7 @@ def cluster_scenarios(requests: int) -> list[Scenario]:
 
 
 async def kill_primary_promote_standby(run: ChaosRun) -> None:
-    """kill -9 of the Postgres primary at 30%, the standby promoted 1 s later (tests/pg_pair.py);
+    """kill -9 of the Postgres primary at 30%, the standby promoted 1 s later (support/pg_pair.py);
     the worker's EGLO_DATABASE_URL names both, with target_session_attrs=read-write."""
     import asyncpg
 

@@ -16,7 +16,7 @@ import asyncpg
 
 from db.migrate import migrate
 from db.pool import connect
-from tests import infra
+from tests.support import infra
 
 
 class ChaosDatabase:

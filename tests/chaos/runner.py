@@ -16,13 +16,14 @@ from typing import Any
 import asyncpg
 import orjson
 
+from producers import topology
+from producers.broker import connect_broker
 from producers.publisher import Publisher
 from producers.reader import parse_request
 from producers.sample import generate_requests
-from tests import infra
 from tests.chaos.environment import ChaosDatabase
-from worker import tls, topology
-from worker.processes import free_port, spawn, stop, wait_http_ok
+from tests.support import infra
+from worker.ops.processes import free_port, spawn, stop, wait_http_ok
 
 LOG_DIR = Path(".eglo/chaos")
 EVENTS_QUEUE = "chaos.events"
@@ -84,7 +85,7 @@ class ChaosRun:
         cluster: Any = None,
     ) -> None:
         self.scenario = scenario
-        self.cluster = cluster  # tests.cluster.RabbitCluster, for the cluster scenarios
+        self.cluster = cluster  # tests.support.cluster.RabbitCluster, for the cluster scenarios
         self.events_queue = EVENTS_QUEUE if cluster is None else f"{EVENTS_QUEUE}.{scenario.name}"
         self.recover_s: float | None = None
         self.target: Any = None  # what `prepare` picked for the fault
@@ -268,7 +269,7 @@ async def _quiet(run: ChaosRun, valid_ids: set[str], poison: int) -> bool:
     if stored < len(valid_ids) or unsent:
         return False
     try:
-        connection = await tls.connect_broker(run.amqp_url, name="chaos-quiet")
+        connection = await connect_broker(run.amqp_url, name="chaos-quiet")
     except Exception:  # noqa: BLE001 - broker restarting
         return False
     async with connection:
@@ -309,7 +310,7 @@ async def run_scenario(scenario: Scenario, db: ChaosDatabase, cluster: Any = Non
             run.log_path("emulator"),
         )
         run.pool = await asyncpg.create_pool(run.database_url, min_size=1, max_size=2)
-        events_connection = await tls.connect_broker(amqp_url, name="chaos-events")
+        events_connection = await connect_broker(amqp_url, name="chaos-events")
         try:
             wait_http_ok(f"http://127.0.0.1:{run.qnn_port}/api/v1/health/simple", process=emulator)
             channel = await events_connection.channel()
@@ -372,7 +373,7 @@ async def _count(run: ChaosRun, valid_ids: set[str], poison: int) -> Row:
     event_ids: set[str] = set()
     duplicate_events = 0
     # A fresh connection: the scenario's own may have been among those the faults closed.
-    connection = await tls.connect_broker(run.amqp_url, name="chaos-count")
+    connection = await connect_broker(run.amqp_url, name="chaos-count")
     async with connection:
         channel = await connection.channel()
         events_q = await channel.declare_queue(run.events_queue, passive=True)

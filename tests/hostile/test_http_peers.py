@@ -34,9 +34,8 @@ from contracts.topology import DEAD_LETTER_QUEUE, REQUESTS_QUEUE
 from producers.publisher import Publisher
 from producers.reader import parse_request
 from producers.sample import generate_requests
-from tests.conftest import make_settings
-from tests.harness import drain_queue, queue_depth, running_worker, wait_for
 from tests.hostile.rows import Row, record
+from tests.support.harness import drain_queue, make_settings, queue_depth, running_worker, wait_for
 
 pytestmark = pytest.mark.hostile
 
@@ -369,8 +368,8 @@ THROTTLE_SETTINGS: dict[str, Any] = dict(
     retry_delays_s=[5.0 * SCALE, 30.0 * SCALE, 300.0 * SCALE],
 )
 
-# This module on main at 1f3ee67, before worker/http_client.py (Python 3.11, loopback, a broker
-# of its own): what main did, for the table's "before" column.
+# This module on main at 1f3ee67, before worker/http_client.py (now worker/runtime/) (Python 3.11,
+# loopback, a broker of its own): what main did, for the table's "before" column.
 BEFORE: dict[str, str] = {
     "429 for 4 s with Retry-After: NaN": "stuck: asyncio.sleep(nan) never returns on 3.11 (3.12+: "
     "ValueError, unexpected error, dead-lettered by the delivery limit); 0 of 3 settled in 130 s",

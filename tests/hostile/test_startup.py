@@ -25,14 +25,13 @@ import pytest
 
 from db.migrate import migrate, migration_files
 from db.pool import connect
+from producers import topology
 from producers.publisher import Publisher
 from producers.reader import parse_request
 from producers.sample import generate_requests
-from tests import infra
-from tests.conftest import make_settings
-from tests.harness import database_at, queue_depth, running_worker, wait_for
 from tests.hostile.rows import Row, record
-from worker import topology
+from tests.support import infra
+from tests.support.harness import database_at, make_settings, queue_depth, running_worker, wait_for
 
 pytestmark = pytest.mark.hostile
 

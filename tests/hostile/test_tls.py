@@ -24,14 +24,12 @@ import asyncpg
 import orjson
 import pytest
 
-from db.pool import create_pool
-from db.pool import database_url as db_url_for
+from producers import topology
+from producers.broker import connect_broker
 from producers.publisher import Publisher
 from producers.reader import parse_request
 from producers.sample import generate_requests
-from tests import infra
-from tests.conftest import make_settings
-from tests.harness import events_sent, running_worker, wait_for
+from producers.tls import TlsError
 from tests.hostile.rows import Row, record
 from tests.hostile.tls_servers import (
     PG_CERT_USER,
@@ -46,10 +44,12 @@ from tests.hostile.tls_servers import (
     system_postgres_bin,
     temp_dir,
 )
-from worker import topology
-from worker.app import Worker
+from tests.support import infra
+from tests.support.harness import events_sent, make_settings, running_worker, wait_for
+from worker.runtime.app import Worker
+from worker.runtime.connections import amqp_url, open_pool
+from worker.runtime.connections import database_url as db_url_for
 from worker.settings import Settings
-from worker.tls import TlsError, amqp_url, connect_broker
 
 pytestmark = [
     pytest.mark.hostile,
@@ -249,7 +249,7 @@ async def test_host_not_in_the_certificate_is_refused(
     try:
         settings = tls_settings(tls_node, other_address, certs.good, emulator)
         with pytest.raises(TlsError) as refused:
-            await create_pool(db_url_for(settings), size=1)
+            await open_pool(db_url_for(settings), size=1)
     finally:
         await other_address.close()
     assert str(refused.value) == (
@@ -321,7 +321,7 @@ async def test_real_postgres_verify_full_with_client_certificate(
         values.update(files)
         return Settings(**values)
 
-    pool = await create_pool(db_url_for(settings()), size=1)
+    pool = await open_pool(db_url_for(settings()), size=1)
     try:
         row = await pool.fetchrow(
             "SELECT ssl, current_user AS who FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
@@ -331,7 +331,7 @@ async def test_real_postgres_verify_full_with_client_certificate(
     assert row is not None and row["ssl"] is True and row["who"] == PG_CERT_USER
 
     with pytest.raises(TlsError) as wrong_ca:
-        await create_pool(db_url_for(settings(database_ca_file=certs.wrong.ca)), size=1)
+        await open_pool(db_url_for(settings(database_ca_file=certs.wrong.ca)), size=1)
     assert str(wrong_ca.value).startswith(
         f"TLS to Postgres at 127.0.0.1:{real_postgres.port} failed: the server's certificate "
         "was refused: self-signed certificate in certificate chain; it is not signed by a CA in "
@@ -339,7 +339,7 @@ async def test_real_postgres_verify_full_with_client_certificate(
     )
 
     with pytest.raises(TlsError) as no_cert:
-        await create_pool(
+        await open_pool(
             db_url_for(settings(database_cert_file=None, database_key_file=None)), size=1
         )
     assert str(no_cert.value) == (

@@ -11,11 +11,13 @@ import aiormq
 import httpx
 import structlog
 
-from worker import dlq, monitoring, tls, topology
+from producers import topology
 from worker.api import queries
 from worker.api.auth import Principal
 from worker.api.models import DeadLetterView, Problem, ReplayResult, Resolved
 from worker.api.state import ApiState
+from worker.ops import dlq, monitoring
+from worker.runtime import connections
 
 log = structlog.get_logger(__name__)
 
@@ -70,17 +72,17 @@ async def resolve_anomaly(state: ApiState, principal: Principal, anomaly_id: uui
 async def replay_dead_letters(
     state: ApiState, principal: Principal, *, reason: str | None, limit: int
 ) -> ReplayResult:
-    """Re-publish dead letters to `eglo.requests` (worker.dlq); audited, also a failure."""
+    """Re-publish dead letters to `eglo.requests` (worker.ops.dlq); audited, also a failure."""
     details: dict[str, Any] = {"reason": reason, "limit": limit}
     outcome = "error"
     try:
         # At most what is in the queue now: a letter that a running worker dead-letters again
-        # at once comes back in behind the others, and worker.dlq's loop would replay it again.
+        # at once comes back in behind the others, and worker.ops.dlq's loop would replay it again.
         depth = await dead_letter_depth(state)
         replayed, kept = (0, 0)
         if depth:
             replayed, kept = await dlq.replay_dead_letters(
-                tls.amqp_url(state.settings), reason=reason, limit=min(limit, depth)
+                connections.amqp_url(state.settings), reason=reason, limit=min(limit, depth)
             )
         details.update(replayed=replayed, kept=kept)
         outcome = "ok"
@@ -108,7 +110,7 @@ async def dead_letter_depth(state: ApiState) -> int:
 
 async def dead_letters(state: ApiState, limit: int) -> list[DeadLetterView]:
     try:
-        letters = await dlq.list_dead_letters(tls.amqp_url(state.settings), limit=limit)
+        letters = await dlq.list_dead_letters(connections.amqp_url(state.settings), limit=limit)
     except BROKER_ERRORS as exc:
         raise broker_down(exc) from None
     return [
@@ -125,10 +127,10 @@ async def dead_letters(state: ApiState, limit: int) -> list[DeadLetterView]:
 
 
 def plots_module() -> Any:
-    """worker.plots, which needs matplotlib (the `demo` extra, not in the image); without it a
+    """analytics/plots, which needs matplotlib (the `demo` extra, not in the image); without it a
     plot is answered 501 and the rest of the API works."""
     try:
-        from worker import plots
+        from worker.analytics import plots
     except ImportError:
         raise ApiError(
             501,

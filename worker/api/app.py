@@ -1,7 +1,7 @@
 """The FastAPI application: routes, access control and the OpenAPI 3.1 document.
 
 Submitting takes the AMQP request body and reads it with the worker's own intake
-(`worker.intake.parse_request`, the strict wire validation): a body the worker would dead-letter
+(`core.intake.parse_request`, the strict wire validation): a body the worker would dead-letter
 is refused here with `422` and the same `reason` and `rule`. An accepted request is published to
 `eglo.requests` with a publisher confirm, exactly as any other producer would.
 """
@@ -37,7 +37,8 @@ from contracts.schemas import PublishedSchema
 from contracts.topology import request_routing_key
 from contracts.vocabulary import RequestType, RunStatus, Severity
 from db.migrate import schema_problem
-from worker import scoring, similarity
+from worker.analytics import accuracy as scoring
+from worker.analytics import similarity
 from worker.api import actions, console, queries
 from worker.api.actions import ApiError
 from worker.api.auth import Principal, Role, TokenTable
@@ -58,8 +59,8 @@ from worker.api.models import (
     SimilarRunView,
 )
 from worker.api.state import ApiState, ReplyMessage
-from worker.embeddings import FEATURES_MODEL
-from worker.intake import Rejection, identify, parse_request
+from worker.core.intake import Rejection, identify, parse_request
+from worker.embedder.backends import FEATURES_MODEL
 from worker.settings import Settings
 
 log = structlog.get_logger(__name__)

@@ -23,7 +23,8 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from contracts.vocabulary import REQUEST_TYPES, RUN_STATUSES, RequestType
 from producers.sample import generate_requests
-from worker import scoring, similarity
+from worker.analytics import accuracy as scoring
+from worker.analytics import similarity
 from worker.api import actions, queries
 from worker.api.actions import ApiError
 from worker.api.auth import Principal, Role, TokenTable

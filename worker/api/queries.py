@@ -14,8 +14,8 @@ from contracts.events import EMBEDDING_REQUESTED
 from worker.api.auth import Principal
 from worker.api.models import AnomalyView, EventView, Execution, PendingRun, RunSummary
 
-# The outbox keys its events by ids derived from the run (worker/records.py): recompute them.
-from worker.records import _event_id, outcome_event_id
+# The outbox keys its events by ids derived from the run (worker/core/records.py): recompute them.
+from worker.core.records import _event_id, outcome_event_id
 
 RUN_COLUMNS = """r.id AS run_id, r.request_id, r.request_type, r.region, r.forecast_date,
     r.status, r.error_code, r.attempts, r.created_at, r.updated_at"""

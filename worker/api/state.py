@@ -16,10 +16,12 @@ import orjson
 import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
-from db.pool import create_pool, database_url
+from producers import topology
+from producers.broker import connect_broker
 from producers.publisher import Publisher
-from worker import tls, topology
-from worker.qnn import make_http_client
+from worker.runtime import connections
+from worker.runtime.connections import database_url, open_pool
+from worker.runtime.qnn import make_http_client
 from worker.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -83,10 +85,10 @@ class ApiState:
     @classmethod
     @contextlib.asynccontextmanager
     async def open(cls, settings: Settings) -> AsyncIterator[ApiState]:
-        pool = await create_pool(database_url(settings), size=settings.api_db_pool_size)
+        pool = await open_pool(database_url(settings), size=settings.api_db_pool_size)
         try:
-            connection = await tls.connect_broker(
-                tls.amqp_url(settings),
+            connection = await connect_broker(
+                connections.amqp_url(settings),
                 name="eglo-api",
                 reconnect_interval=settings.amqp_reconnect_interval_s,
                 backoff_max_s=settings.amqp_reconnect_max_s,

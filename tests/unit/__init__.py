@@ -1,0 +1,1 @@
+"""Tests that need no broker, database or emulator process: `make unit`, seconds."""

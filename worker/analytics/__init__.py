@@ -1,0 +1,1 @@
+"""The read side over stored runs: accuracy, similarity, plots, summaries."""

@@ -1,0 +1,1 @@
+"""The embedder service: embeds completed runs for similarity search, on the worker's runtime."""

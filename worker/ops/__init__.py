@@ -1,0 +1,1 @@
+"""One-shot operator commands: dead letters, maintenance, monitoring, the demo."""

@@ -1,0 +1,122 @@
+"""`eglo demo`: the whole pipeline on this machine, from a sample batch to a summary table."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import asyncpg
+
+from db.migrate import migrate
+from producers.publisher import Publisher
+from producers.reader import parse_request
+from producers.sample import generate_requests
+from worker.analytics.report import format_summary, summary
+from worker.analytics.similarity import format_similar, similar_runs
+from worker.ops.processes import free_port, spawn, stop, wait_http_ok
+from worker.runtime.connections import amqp_url, connect_database, database_url, open_pool
+from worker.settings import Settings
+
+
+async def _publish_and_wait(
+    settings: Settings, db_url: str, prefix: str, count: int, within_s: float
+) -> str:
+    requests = [parse_request(r) for r in generate_requests(count, seed=7, id_prefix=prefix)]
+    async with Publisher.connect(amqp_url(settings)) as publisher:
+        report = await publisher.publish_many(requests)
+    print(f"published {len(report.confirmed)} requests (confirmed by the broker)")
+    conn = await open_pool(db_url, size=2)
+    try:
+        deadline = time.monotonic() + within_s
+        done = 0
+        while time.monotonic() < deadline:
+            done = await conn.fetchval(
+                "SELECT count(*) FROM optimization_runs WHERE request_id LIKE $1", prefix + "-%"
+            )
+            if done >= len(report.confirmed):
+                break
+            await asyncio.sleep(0.5)
+        print(f"{done} of {len(report.confirmed)} requests stored\n")
+        table = format_summary(await summary(conn, prefix + "-"))
+        if done < len(report.confirmed):
+            raise SystemExit(f"timed out: only {done} of {len(report.confirmed)} stored\n{table}")
+        similar = await _similar_example(conn, prefix, deadline)
+        try:
+            from worker.analytics.plots import save_demo_plots
+        except ImportError:  # matplotlib is in the demo extra, not in the image
+            drawn = "pictures: skipped (matplotlib not installed: install eglo[demo])"
+        else:
+            plots = await save_demo_plots(conn, settings.data_dir / "plots")
+            drawn = "pictures: " + ", ".join(str(p) for p in plots)
+        return f"{table}\n\n{similar}\n\n{drawn}"
+    finally:
+        await conn.close()
+
+
+async def _migrate(db_url: str) -> None:
+    conn = await connect_database(db_url)
+    try:
+        await migrate(conn)
+    finally:
+        await conn.close()
+
+
+async def _similar_example(conn: asyncpg.Pool, prefix: str, deadline: float) -> str:
+    """`eglo similar` for one demo forecast, once the embedder has embedded the batch."""
+    completed = await conn.fetchval(
+        "SELECT count(*) FROM optimization_runs WHERE request_id LIKE $1 AND status = 'completed'",
+        prefix + "-%",
+    )
+    while time.monotonic() < deadline:
+        embedded = await conn.fetchval(
+            "SELECT count(*) FROM optimization_embeddings e JOIN optimization_runs r "
+            "ON r.id = e.optimization_run_id WHERE r.request_id LIKE $1",
+            prefix + "-%",
+        )
+        if embedded >= completed:
+            break
+        await asyncio.sleep(0.5)
+    run_id = await conn.fetchval(
+        "SELECT id FROM optimization_runs WHERE request_id LIKE $1 AND request_type = 'forecast' "
+        "AND status = 'completed' ORDER BY request_id LIMIT 1",
+        prefix + "-%",
+    )
+    results = await similar_runs(conn, run_id, k=5)
+    return f"$ eglo similar {run_id} --k 5\n" + format_similar(results, run_id=run_id)
+
+
+def run_demo(settings: Settings, *, count: int) -> int:
+    db_url = database_url(settings)
+    asyncio.run(_migrate(db_url))
+    logs = settings.data_dir / "logs"
+    qnn_port, metrics_port, embedder_port = free_port(), free_port(), free_port()
+    env = {
+        "EGLO_DATABASE_URL": db_url,
+        "EGLO_QNN_URL": f"http://127.0.0.1:{qnn_port}",
+        "EGLO_METRICS_PORT": str(metrics_port),
+    }
+    emulator = spawn(
+        ["emulator", "--port", str(qnn_port), "--latency-ms", "20"], env, logs / "emulator.log"
+    )
+    worker = embedder = None
+    try:
+        wait_http_ok(f"http://127.0.0.1:{qnn_port}/api/v1/health/simple", process=emulator)
+        worker = spawn(["worker"], env, logs / "worker.log")
+        wait_http_ok(f"http://127.0.0.1:{metrics_port}/readyz", process=worker)
+        embedder = spawn(
+            ["embedder"],
+            {**env, "EGLO_EMBEDDER_METRICS_PORT": str(embedder_port)},
+            logs / "embedder.log",
+        )
+        wait_http_ok(f"http://127.0.0.1:{embedder_port}/readyz", process=embedder)
+        print(f"emulator on :{qnn_port}, worker metrics on :{metrics_port}, logs in {logs}/")
+        prefix = f"demo-{int(time.time())}"
+        table = asyncio.run(_publish_and_wait(settings, db_url, prefix, count, within_s=120))
+        print(table)
+    finally:
+        if worker is not None:
+            print(f"\nworker exited with {stop(worker)} after SIGTERM")
+        if embedder is not None:
+            stop(embedder)
+        stop(emulator)
+    return 0

@@ -1,0 +1,1 @@
+"""The worker process and all its I/O: lifecycle, consumer, pipeline, store, outbox, QNN client."""
