@@ -8,6 +8,7 @@ import functools
 import math
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -27,17 +28,15 @@ from producers.sample import generate_requests
 from qnn_emulator.predictors import predict
 from worker.core import anomalies as an
 from worker.core.anomalies import Anomaly, detect_run_anomalies
-from worker.core.result_checks import check_result
+from worker.core.result_checks import InvalidResult, check_result
 
 ADAPTER: TypeAdapter[AnyRequest] = TypeAdapter(OptimizationRequest)
 SEED = 11
 RESULT_TYPES = {
     an.FORECAST_OUTSIDE_ENVELOPE,
     an.FORECAST_PEAK_ABOVE_HISTORY,
-    an.RESULT_NON_FINITE,
-    an.RESULT_NEGATIVE,
     an.STORAGE_LIMIT_VIOLATION,
-    an.GRID_CAPACITY_VIOLATION,
+    an.GRID_UNSERVED_LOAD,
 }
 
 
@@ -311,8 +310,8 @@ def test_scenario_load_scale_widens_the_envelope() -> None:
     assert an.detect_forecast_result_anomalies(request.payload, result)
 
 
-def test_forecast_by_dataset_ref_without_history_gets_value_checks_only() -> None:
-    """An unresolved dataset_ref has no history: no input or envelope checks, still negatives."""
+def test_forecast_by_dataset_ref_without_history_has_nothing_to_compare_with() -> None:
+    """An unresolved dataset_ref has no history: no input or envelope checks."""
     doc = _history_doc()
     doc["payload"]["historical_loads"] = []
     doc["payload"].pop("temperature_c", None)
@@ -321,30 +320,35 @@ def test_forecast_by_dataset_ref_without_history_gets_value_checks_only() -> Non
     }
     request = _request(doc)
     assert isinstance(request, ForecastRequest)
-    steps = request.payload.horizon_steps
-    assert detect_run_anomalies(request, {"forecast": [1e9] * steps}) == []
-    found = detect_run_anomalies(request, {"forecast": [-5.0] + [100.0] * (steps - 1)})
-    assert _types(found) == [an.RESULT_NEGATIVE]
+    assert detect_run_anomalies(request, {"forecast": [1e9] * request.payload.horizon_steps}) == []
 
 
-def test_negative_and_non_finite_forecasts_are_flagged() -> None:
-    """Negative loads are result_negative; NaN, inf and non-numbers are result_non_finite."""
-    request = _forecast_request()
-    level = statistics.median(request.payload.historical_loads)
-    forecast: list[Any] = [level] * request.payload.horizon_steps
-    forecast[0] = -0.5 * level
-    forecast[1] = math.nan
-    forecast[2] = None
-    found = an.detect_forecast_result_anomalies(
-        request.payload, {"predictions": forecast, "upper": [math.inf] * len(forecast)}
-    )
-    by_type = {a.anomaly_type: a for a in found}
-    assert by_type[an.RESULT_NON_FINITE].severity == "critical"
-    assert by_type[an.RESULT_NON_FINITE].details["non_finite_counts"] == {
-        "forecast": 2,
-        "upper": len(forecast),
-    }
-    assert by_type[an.RESULT_NEGATIVE].severity == "critical"
+@pytest.mark.parametrize(
+    ("kind", "spoil", "problem"),
+    [
+        ("forecast", lambda r, p: r["forecast"].__setitem__(0, -1.0), "negative load"),
+        ("forecast", lambda r, p: r["forecast"].__setitem__(1, math.nan), "finite"),
+        ("storage", lambda r, p: r["charge_kw"].__setitem__(0, 1.2 * p.max_charge_kw), "charge"),
+        ("storage", lambda r, p: r["soc_kwh"].__setitem__(0, p.soc_max_kwh * 1.01), "state of"),
+        (
+            "grid_switch",
+            lambda r, p: r["dispatch_kw"][p.sources[0].name].__setitem__(
+                0, 1.5 * p.sources[0].capacity_kw
+            ),
+            "capacity",
+        ),
+    ],
+)
+def test_results_no_valid_run_can_have_never_reach_detection(
+    kind: str, spoil: Callable[[dict[str, Any], Any], None], problem: str
+) -> None:
+    """Non-finite and negative values and broken limits are result_checks' to refuse (as a
+    failed run): anomaly detection only ever sees results that passed."""
+    request = _request(_doc(kind))
+    result = copy.deepcopy(_stored(request))
+    spoil(result, request.payload)
+    with pytest.raises(InvalidResult, match=problem):
+        check_result(request, result, {})
 
 
 # --------------------------------------------------------------------------- storage results
@@ -363,22 +367,6 @@ def test_consistent_storage_schedule_is_quiet() -> None:
     assert an.detect_storage_result_anomalies(request.payload, result) == []
 
 
-def test_charge_above_the_power_limit_is_a_storage_violation() -> None:
-    """Charging 20 % above max_charge_kw (SoC path kept consistent) is a high violation."""
-    request, result = _storage()
-    p = request.payload
-    steps = len(p.price_schedule)
-    charge = [0.0] * steps
-    charge[0] = 1.2 * p.max_charge_kw
-    eta = math.sqrt(p.efficiency)
-    soc = [p.soc_initial_kwh + eta * charge[0] * (p.resolution_minutes / 60)] * steps
-    result = {"charge_kw": charge, "discharge_kw": [0.0] * steps, "soc_kwh": soc}
-    (found,) = an.detect_storage_result_anomalies(p, result)
-    assert found.anomaly_type == an.STORAGE_LIMIT_VIOLATION
-    assert "charge_above_max" in found.details["violations"]
-    assert found.severity == "critical"
-
-
 def test_reported_soc_that_ignores_the_schedule_is_a_violation() -> None:
     """A flat reported SoC while the battery charges does not match any efficiency convention."""
     request, result = _storage()
@@ -387,9 +375,9 @@ def test_reported_soc_that_ignores_the_schedule_is_a_violation() -> None:
     charge = [0.0] * steps
     charge[3] = 0.5 * p.max_charge_kw
     result = {
-        "charge": charge,
-        "discharge": [0.0] * steps,
-        "state_of_charge_kwh": [p.soc_initial_kwh] * steps,
+        "charge_kw": charge,
+        "discharge_kw": [0.0] * steps,
+        "soc_kwh": [p.soc_initial_kwh] * steps,
     }
     (found,) = an.detect_storage_result_anomalies(p, result)
     violation = found.details["violations"]["soc_inconsistent_with_schedule"]
@@ -398,17 +386,23 @@ def test_reported_soc_that_ignores_the_schedule_is_a_violation() -> None:
 
 
 def test_recomputed_soc_beyond_its_limit_is_a_violation() -> None:
-    """Charging past soc_max_kwh shows in the reported and the recomputed SoC."""
-    request, result = _storage()
+    """A reported SoC held at soc_max_kwh while the schedule charges on, by less than the SoC
+    tolerance: consistent enough, but the recomputed path leaves the limit."""
+    request, _ = _storage()
     p = request.payload
     steps = len(p.price_schedule)
     hours = p.resolution_minutes / 60
-    charge = [min(p.max_charge_kw, p.capacity_kwh)] * steps
-    soc = list(p.soc_initial_kwh + np.cumsum(np.array(charge) * hours))  # efficiency on discharge
-    result = {"charge_kw": charge, "discharge_kw": [0.0] * steps, "soc_kwh": soc}
+    overshoot = 0.001 * p.capacity_kwh  # half of SOC_TOLERANCE_FRACTION
+    charge = [0.0] * steps
+    charge[0] = (p.soc_max_kwh + overshoot - p.soc_initial_kwh) / (p.efficiency * hours)
+    path = p.soc_initial_kwh + p.efficiency * charge[0] * hours  # efficiency on charge
+    flat = [p.soc_max_kwh] * steps
+    result = {"charge_kw": charge, "discharge_kw": [0.0] * steps, "soc_kwh": flat}
+    assert charge[0] <= p.max_charge_kw, "the sample battery must reach its limit in one step"
+    assert path > p.soc_max_kwh
     (found,) = an.detect_storage_result_anomalies(p, result)
-    assert {"soc_above_max", "recomputed_soc_above_max"} <= set(found.details["violations"])
-    assert found.severity == "critical"
+    assert set(found.details["violations"]) == {"recomputed_soc_above_max"}
+    assert found.severity == "low"
 
 
 def test_other_efficiency_conventions_are_accepted() -> None:
@@ -439,19 +433,6 @@ def test_emulator_dispatch_is_quiet() -> None:
     assert an.detect_grid_switch_result_anomalies(request.payload, result) == []
 
 
-def test_dispatch_above_capacity_is_a_grid_violation() -> None:
-    """One source dispatched at 1.5 x its capacity is a critical capacity violation."""
-    request, result = _grid()
-    source = request.payload.sources[0]
-    dispatch = {k: list(v) for k, v in result["dispatch_kw"].items()}
-    dispatch[source.name][0] = 1.5 * source.capacity_kw
-    found = an.detect_grid_switch_result_anomalies(request.payload, {"dispatch": dispatch})
-    by_type = {a.anomaly_type: a for a in found}
-    violation = by_type[an.GRID_CAPACITY_VIOLATION]
-    assert violation.severity == "critical"
-    assert set(violation.details["sources"]) == {source.name}
-
-
 def test_reported_unserved_load_is_flagged_by_share() -> None:
     """Unserved load reported in the result is graded by its share of the load's energy."""
     request, result = _grid()
@@ -463,19 +444,7 @@ def test_reported_unserved_load_is_flagged_by_share() -> None:
     )
     (anomaly,) = [a for a in found if a.anomaly_type == an.GRID_UNSERVED_LOAD]
     assert anomaly.details["steps"] == 1
-    assert anomaly.details["implied_by_balance"] is False
     assert anomaly.severity in ("low", "medium")
-
-
-def test_supply_short_of_the_load_is_unserved_even_if_unreported() -> None:
-    """A dispatch that covers only half the load is critical unserved load."""
-    request, result = _grid()
-    halved = {k: [0.5 * v for v in vs] for k, vs in result["dispatch_kw"].items()}
-    (found,) = an.detect_grid_switch_result_anomalies(request.payload, {"dispatch_kw": halved})
-    assert found.anomaly_type == an.GRID_UNSERVED_LOAD
-    assert found.severity == "critical"
-    assert found.details["implied_by_balance"] is True
-    assert found.details["unserved_share"] == pytest.approx(0.5, abs=0.01)
 
 
 # --------------------------------------------------------------------------- operational
@@ -556,30 +525,13 @@ def test_simulation_checks_the_base_input_and_each_scenario() -> None:
     assert isinstance(request, SimulationRequest)
     result = _stored(request)
     broken = result["scenarios"][0]
-    broken["result"]["charge_kw"][0] = 10.0 * request.payload.base.payload.max_charge_kw  # type: ignore[union-attr]
+    soc = broken["result"]["soc_kwh"]
+    broken["result"]["soc_kwh"] = [soc[0]] * len(soc)  # a flat SoC while the schedule works
+    assert any(broken["result"]["charge_kw"]) or any(broken["result"]["discharge_kw"])
     found = detect_run_anomalies(request, result)
     violations = [a for a in found if a.anomaly_type == an.STORAGE_LIMIT_VIOLATION]
     assert [a.details["scenario"] for a in violations] == [broken["name"]]
     assert violations[0].description.startswith(f"scenario {broken['name']}: ")
-
-
-def test_malformed_scenario_results_do_not_break_detection() -> None:
-    """Scenario results with missing, nested or non-numeric fields are reported, not raised on."""
-    doc = next(
-        d
-        for d in _docs()
-        if d["request_type"] == "simulation" and d["payload"]["base"]["request_type"] == "forecast"
-    )
-    request = _request(copy.deepcopy(doc))
-    names = [s["name"] for s in doc["payload"]["scenarios"]]
-    garbage: list[Any] = [{}, {"forecast": "n/a"}, {"forecast": [[1.0, 2.0]]}, {"values": ["x"]}]
-    result = {
-        "scenarios": [{"name": n, "result": garbage[i % len(garbage)]} for i, n in enumerate(names)]
-        + ["not a scenario", {"name": "no-result"}]
-    }
-    found = detect_run_anomalies(request, result)
-    assert {a.anomaly_type for a in found} <= {an.RESULT_NON_FINITE}
-    assert detect_run_anomalies(request, {}) == []
 
 
 def test_anomalies_are_frozen_hashable_and_json_ready() -> None:
@@ -838,39 +790,3 @@ def test_lapack_solve_is_numpys_solve() -> None:
         assert np.array_equal(an._solve(a, b), np.linalg.solve(a, b))
     with pytest.raises(np.linalg.LinAlgError):
         an._solve(np.zeros((3, 3)), np.ones(3))
-
-
-def _result_variants(kind: str) -> list[tuple[AnyRequest, dict[str, Any]]]:
-    """Emulator results for sample requests of `kind`, and copies with one value broken."""
-    rng = np.random.default_rng(9)
-    variants: list[tuple[AnyRequest, dict[str, Any]]] = []
-    for doc in [d for d in _docs(80) if d["request_type"] == kind][:8]:
-        request = _request(doc)
-        result = _stored(request)
-        variants.append((request, result))
-        for broken_value in (-1.0, 1e9, math.nan, math.inf, None, "shorter"):
-            broken = copy.deepcopy(result)
-            series = [v for v in broken.values() if isinstance(v, list)]
-            series += list(broken.get("dispatch_kw", {}).values())
-            assert series
-            target = series[int(rng.integers(len(series)))]
-            if broken_value == "shorter":
-                del target[-1]
-            else:
-                target[int(rng.integers(len(target)))] = broken_value
-            variants.append((request, broken))
-    return variants
-
-
-@pytest.mark.parametrize("kind", ["storage", "grid_switch"])
-def test_quick_limit_checks_agree_with_the_full_checks(
-    kind: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The one-pass check of a quiet schedule/dispatch never hides what the full checks find."""
-    variants = _result_variants(kind)
-    quick = [detect_run_anomalies(request, result) for request, result in variants]
-    monkeypatch.setattr(an, "_within_limits", lambda *_: False)
-    monkeypatch.setattr(an, "_dispatch_within_limits", lambda *_: False)
-    full = [detect_run_anomalies(request, result) for request, result in variants]
-    assert quick == full
-    assert any(quick) and not all(quick)

@@ -7,16 +7,17 @@ precision/recall):
 * Input anomalies in a load series (forecast `historical_loads`, storage/grid_switch
   `load_forecast`): zero runs, flatlines of a stuck meter, then spikes and drops scored by a robust
   z-score against a seasonal baseline built from the same time of neighbouring days.
-* Result anomalies: forecasts outside the historical envelope or peaking far above it, negative or
-  non-finite values, storage schedules that break power or state-of-charge limits (SoC recomputed
-  from charge/discharge and efficiency), grid dispatch above capacity and unserved load.
+* Result anomalies, on results core/result_checks.py has accepted (it owns the hard limits:
+  finite, non-negative, within every stated limit): forecasts outside the historical envelope or
+  peaking far above it, storage schedules whose SoC does not follow from their charge and
+  discharge (or, recomputed, leaves the battery's limits), and unserved load.
 * Operational anomalies: QNN latency or cost far above its recent baseline.
 
 Every threshold is a module constant below; severities grade by them.
 
 The worker runs this on every run, so the hot paths are vectorised: index plans cached per series
-length and resolution, selection networks for rolling medians, one partition per median, and
-one-pass checks of results with nothing to report. tests/test_anomalies.py holds them to the
+length and resolution, selection networks for rolling medians, one partition per median.
+tests/unit/test_anomalies.py holds them to the
 straightforward computations, bit for bit (up to the sign of a zero score).
 """
 
@@ -26,11 +27,10 @@ import functools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 import numpy as np
 from numpy.typing import NDArray
-from pydantic import AliasChoices, BaseModel
 
 from contracts.requests import (
     AnyRequest,
@@ -38,12 +38,11 @@ from contracts.requests import (
     GridSwitchPayload,
     StoragePayload,
 )
-from contracts.results import ForecastResult, GridSwitchResult, StorageResult
+from contracts.vocabulary import SEVERITIES, Severity
 
 FloatArray = NDArray[np.float64]
 BoolArray = NDArray[np.bool_]
 IntArray = NDArray[np.intp]
-Severity = Literal["low", "medium", "high", "critical"]
 
 __all__ = [
     "Anomaly",
@@ -71,10 +70,7 @@ INPUT_FLATLINE: Final = "input_flatline"
 INPUT_ZERO_RUN: Final = "input_zero_run"
 FORECAST_OUTSIDE_ENVELOPE: Final = "forecast_outside_envelope"
 FORECAST_PEAK_ABOVE_HISTORY: Final = "forecast_peak_above_history"
-RESULT_NON_FINITE: Final = "result_non_finite"
-RESULT_NEGATIVE: Final = "result_negative"
 STORAGE_LIMIT_VIOLATION: Final = "storage_limit_violation"
-GRID_CAPACITY_VIOLATION: Final = "grid_capacity_violation"
 GRID_UNSERVED_LOAD: Final = "grid_unserved_load"
 QNN_LATENCY_HIGH: Final = "qnn_latency_high"
 QNN_COST_HIGH: Final = "qnn_cost_high"
@@ -133,7 +129,6 @@ PEAK_RATIO_LOW: Final = 1.2  # forecast peak / historical max
 PEAK_RATIO_MEDIUM: Final = 1.35
 PEAK_RATIO_HIGH: Final = 1.5
 PEAK_RATIO_CRITICAL: Final = 2.0
-NEGATIVE_CRITICAL_FRACTION: Final = 0.1  # a negative load beyond 10 % of the typical level
 
 # Limit violations (storage power/SoC, grid capacity): relative excess over the limit (or, for
 # state of charge, over the battery capacity) graded low/medium/high/critical.
@@ -160,7 +155,6 @@ OP_SCALE_FLOOR_FRACTION: Final = 0.05  # of the recent median: identical recent 
 
 MAX_EVENTS_REPORTED: Final = 20  # per anomaly; details also carry the full count
 
-_SEVERITIES: Final[tuple[Severity, ...]] = ("low", "medium", "high", "critical")
 
 
 @dataclass(frozen=True)
@@ -200,7 +194,7 @@ def _grade(value: float, medium: float, high: float, critical: float) -> Severit
 
 
 def _worst(severities: Iterable[Severity]) -> Severity:
-    return max(severities, key=_SEVERITIES.index, default="low")
+    return max(severities, key=SEVERITIES.index, default="low")
 
 
 def _r(value: float, digits: int = 4) -> float:
@@ -931,107 +925,20 @@ def detect_input_anomalies(
     return anomalies
 
 
-# --------------------------------------------------------------------------- result parsing
-
-
-@functools.cache
-def _aliases(model: type[BaseModel], name: str) -> tuple[str, ...]:
-    alias = model.model_fields[name].validation_alias
-    names = [name]
-    if isinstance(alias, AliasChoices):
-        names += [c for c in alias.choices if isinstance(c, str) and c != name]
-    return tuple(names)
-
-
-def _field(raw: Mapping[str, Any], model: type[BaseModel], name: str) -> Any:
-    for key in _aliases(model, name):
-        if key in raw:
-            return raw[key]
-    return None
-
-
-def _floats(raw: Any) -> FloatArray | None:
-    """A list of numbers as floats; anything non-numeric becomes NaN. None if not a list."""
-    if not isinstance(raw, list | tuple):
-        return None
-    try:
-        array = np.asarray(raw, dtype=np.float64)
-        if array.ndim == 1:
-            return array
-    except (TypeError, ValueError):
-        pass
-    out = np.full(len(raw), np.nan)
-    for i, v in enumerate(raw):
-        if isinstance(v, int | float) and not isinstance(v, bool):
-            out[i] = float(v)
-    return out
-
-
-def _finite_or_zero(values: FloatArray) -> FloatArray:
-    """`values` with NaN and infinities replaced by 0."""
-    finite = np.isfinite(values)
-    return values if np.count_nonzero(finite) == values.size else np.where(finite, values, 0.0)
-
-
-def _non_finite(series: Mapping[str, FloatArray]) -> Anomaly | None:
-    arrays = list(series.values())
-    if len(arrays) > 1 and len({v.size for v in arrays}) == 1 and _all_finite(np.array(arrays)):
-        return None  # equally long series checked in one pass
-    bad = {name: v.size - int(np.count_nonzero(np.isfinite(v))) for name, v in series.items()}
-    bad = {k: v for k, v in bad.items() if v}
-    if not bad:
-        return None
-    where = ", ".join(f"{k} ({v})" for k, v in bad.items())
-    return Anomaly(
-        anomaly_type=RESULT_NON_FINITE,
-        severity="critical",
-        description=f"result has non-finite or non-numeric values in {where}",
-        suggested_actions=(
-            "Do not use this result; rerun the request.",
-            "Report the response to the QNN provider with the request id.",
-        ),
-        details={"non_finite_counts": bad},
-    )
-
-
-def _negative(
-    series: Mapping[str, FloatArray], typical: float, *, what: str = "values"
-) -> Anomaly | None:
-    found: dict[str, dict[str, Any]] = {}
-    worst = 0.0
-    threshold = -LIMIT_TOLERANCE * max(typical, 1.0)
-    for name, v in series.items():
-        if v.size == 0 or float(v.min()) >= threshold:
-            continue  # nothing negative (a NaN minimum takes the long way)
-        finite = v if _all_finite(v) else v[np.isfinite(v)]
-        neg = finite < threshold
-        if neg.any():
-            low = float(finite.min())
-            worst = min(worst, low)
-            found[name] = {"count": int(np.count_nonzero(neg)), "min": _r(low)}
-    if not found:
-        return None
-    critical = typical > 0 and -worst > NEGATIVE_CRITICAL_FRACTION * typical
-    return Anomaly(
-        anomaly_type=RESULT_NEGATIVE,
-        severity="critical" if critical else "high",
-        description=f"negative {what} in " + ", ".join(found),
-        suggested_actions=(
-            "Do not act on the negative values; rerun the request or clip and review.",
-            "Check the model's output constraints with the QNN provider.",
-        ),
-        details={"fields": found, "typical_level": _r(typical)},
-    )
-
-
 # --------------------------------------------------------------------------- result: forecast
+#
+# Results reach these checks only after core/result_checks.py accepted them: canonical field
+# names, finite values, no negative load, power or dispatch, every limit the request states held
+# (to 1e-6). What is left to find is what a valid result can still show.
+
+
+def _series(result: Mapping[str, Any], name: str) -> FloatArray:
+    return np.asarray(result[name], dtype=np.float64)
 
 
 def _history_range(history: FloatArray) -> tuple[float, float, float] | None:
     """(min, max, median) of the history without zero-run readings (they are missing data);
     None without a history (a `dataset_ref` not resolved into `historical_loads`)."""
-    if not _all_finite(history):
-        history = history[np.isfinite(history)]
     if history.size == 0:
         return None
     zero_runs = find_zero_runs(history)
@@ -1048,9 +955,9 @@ def _history_range(history: FloatArray) -> tuple[float, float, float] | None:
 def detect_forecast_result_anomalies(
     payload: ForecastPayload, result: Mapping[str, Any], *, load_scale: float = 1.0
 ) -> list[Anomaly]:
-    """Non-finite/negative forecasts, forecasts outside the (scaled) historical envelope.
+    """A checked forecast outside the (scaled) historical envelope, or peaking far above it.
 
-    Without a history in the payload (an unresolved `dataset_ref`) only the value checks run.
+    Nothing to compare with without a history in the payload (an unresolved `dataset_ref`).
     """
     history = _history_range(np.asarray(payload.historical_loads, dtype=np.float64))
     return _forecast_result_anomalies(result, history, load_scale)
@@ -1060,28 +967,11 @@ def _forecast_result_anomalies(
     result: Mapping[str, Any], history: tuple[float, float, float] | None, load_scale: float
 ) -> list[Anomaly]:
     """`detect_forecast_result_anomalies` given the history's `_history_range`."""
-    forecast = _floats(_field(result, ForecastResult, "forecast"))
-    if forecast is None or forecast.size == 0:
-        return []
-    series = {"forecast": forecast}
-    for name in ("lower", "upper"):
-        bound = _floats(_field(result, ForecastResult, name))
-        if bound is not None:
-            series[name] = bound
-    anomalies: list[Anomaly] = []
-    bad = _non_finite(series)
-    f = forecast if bad is None or _all_finite(forecast) else forecast[np.isfinite(forecast)]
-    if history is None:
-        typical = _typical_level(f)
-    else:
-        hist_min, hist_max, typical = (v * load_scale for v in history)
-    if bad is not None:
-        anomalies.append(bad)
-    if (neg := _negative({"forecast": forecast}, typical, what="load forecast")) is not None:
-        anomalies.append(neg)
+    f = _series(result, "forecast")
     if f.size == 0 or history is None:
-        return anomalies
-
+        return []
+    hist_min, hist_max, _ = (v * load_scale for v in history)
+    anomalies: list[Anomaly] = []
     upper, lower = ENVELOPE_UPPER_RATIO * hist_max, ENVELOPE_LOWER_RATIO * hist_min
     f_min, peak = float(f.min()), float(f.max())  # no step beyond a bound its extreme is within
     above = int(np.count_nonzero(f > upper)) if peak > upper else 0
@@ -1111,8 +1001,8 @@ def _forecast_result_anomalies(
                     "envelope_high": _r(upper),
                     "historical_min": _r(hist_min),
                     "historical_max": _r(hist_max),
-                    "forecast_min": _r(float(f.min())),
-                    "forecast_max": _r(float(f.max())),
+                    "forecast_min": _r(f_min),
+                    "forecast_max": _r(peak),
                     "load_scale": load_scale,
                 },
             )
@@ -1153,17 +1043,11 @@ def _excess(values: FloatArray, limit: float, scale: float) -> tuple[int, float]
         return 0, 0.0
     over = values - limit
     bad = over > tolerance
-    if not bad.any():
-        return 0, 0.0
     return int(np.count_nonzero(bad)), float(over[bad].max()) / max(scale, 1e-12)
 
 
 def _shortfall(values: FloatArray, limit: float, scale: float) -> tuple[int, float]:
     """`_excess(-values, -limit, scale)`: steps below `limit` and the worst shortfall."""
-    # -v - (-limit) is limit - v, largest at the smallest v (rounding is monotonic).
-    tolerance = LIMIT_TOLERANCE * max(abs(limit), 1.0)
-    if values.size == 0 or limit - float(values.min()) <= tolerance:
-        return 0, 0.0
     return _excess(-values, -limit, scale)
 
 
@@ -1191,78 +1075,23 @@ def _soc_paths(payload: StoragePayload, charge: FloatArray, discharge: FloatArra
     return np.asarray(payload.soc_initial_kwh + soc, dtype=np.float64)
 
 
-def _within_limits(
-    payload: StoragePayload, charge: FloatArray, discharge: FloatArray, soc: FloatArray
-) -> bool:
-    """True if a schedule of three equally long series (the usual case) has no non-finite or
-    negative value, no step above the power limits and no reported SoC outside its limits:
-    what the full checks would find nothing in, decided on one stacked array. False means the
-    full checks must run."""
-    n = charge.size
-    if n == 0 or discharge.size != n or soc.size != n or n > len(payload.price_schedule):
-        return False
-    stacked = np.array([charge, discharge, soc])
-    if not _all_finite(stacked):
-        return False
-    lowest: list[float] = np.minimum.reduce(stacked, axis=1).tolist()
-    highest: list[float] = np.maximum.reduce(stacked, axis=1).tolist()
-    if min(lowest) < -LIMIT_TOLERANCE * max(payload.capacity_kwh, 1.0):  # as _negative
-        return False
-    # As _excess / _shortfall: with monotonic rounding the extremes decide.
-    for top, limit in zip(
-        highest, (payload.max_charge_kw, payload.max_discharge_kw, payload.soc_max_kwh), strict=True
-    ):
-        if top - limit > LIMIT_TOLERANCE * max(abs(limit), 1.0):
-            return False
-    floor = payload.soc_min_kwh
-    return floor - lowest[2] <= LIMIT_TOLERANCE * max(abs(floor), 1.0)
-
-
 def detect_storage_result_anomalies(
     payload: StoragePayload, result: Mapping[str, Any], *, load_scale: float = 1.0
 ) -> list[Anomaly]:
-    """Non-finite/negative series and schedules breaking the battery's power or SoC limits."""
-    raw = {
-        name: _floats(_field(result, StorageResult, name))
-        for name in ("charge_kw", "discharge_kw", "soc_kwh")
-    }
-    charge, discharge, soc = raw["charge_kw"], raw["discharge_kw"], raw["soc_kwh"]
-    anomalies: list[Anomaly] = []
+    """A checked schedule whose reported SoC does not follow from its charge and discharge
+    under any usual efficiency convention, or whose recomputed SoC leaves the battery's limits
+    (the reported one is within them, or result_checks would have refused it)."""
+    charge, discharge, soc = (
+        _series(result, name) for name in ("charge_kw", "discharge_kw", "soc_kwh")
+    )
+    if soc.size == 0:
+        return []
     cap = payload.capacity_kwh
     violations: dict[str, dict[str, Any]] = {}
 
     def note(name: str, steps: int, excess: float, **extra: Any) -> None:
         if steps:
             violations[name] = {"steps": steps, "worst_excess_fraction": _r(excess), **extra}
-
-    if (
-        charge is not None
-        and discharge is not None
-        and soc is not None
-        and _within_limits(payload, charge, discharge, soc)
-    ):
-        pass  # nothing for the checks below to find
-    else:
-        series = {k: v for k, v in raw.items() if v is not None}
-        if (bad := _non_finite(series)) is not None:
-            anomalies.append(bad)
-        if (neg := _negative(series, cap, what="power or energy")) is not None:
-            anomalies.append(neg)
-        if charge is None or discharge is None or soc is None:
-            return anomalies
-        n = min(charge.size, discharge.size, soc.size, len(payload.price_schedule))
-        charge, discharge, soc = charge[:n], discharge[:n], soc[:n]
-        if n == 0 or (
-            bad is not None and not all(_all_finite(a) for a in (charge, discharge, soc))
-        ):
-            return anomalies
-        note("charge_above_max", *_excess(charge, payload.max_charge_kw, payload.max_charge_kw))
-        note(
-            "discharge_above_max",
-            *_excess(discharge, payload.max_discharge_kw, payload.max_discharge_kw),
-        )
-        note("soc_above_max", *_excess(soc, payload.soc_max_kwh, cap))
-        note("soc_below_min", *_shortfall(soc, payload.soc_min_kwh, cap))
 
     paths = _soc_paths(payload, charge, discharge)
     errors = np.abs(paths - soc)
@@ -1283,9 +1112,9 @@ def detect_storage_result_anomalies(
         note("recomputed_soc_above_max", *_excess(path, payload.soc_max_kwh, cap))
         note("recomputed_soc_below_min", *_shortfall(path, payload.soc_min_kwh, cap))
     if not violations:
-        return anomalies
+        return []
     worst = max(v["worst_excess_fraction"] for v in violations.values())
-    anomalies.append(
+    return [
         Anomaly(
             anomaly_type=STORAGE_LIMIT_VIOLATION,
             severity=_grade(worst, VIOLATION_MEDIUM, VIOLATION_HIGH, VIOLATION_CRITICAL),
@@ -1296,41 +1125,16 @@ def detect_storage_result_anomalies(
             ),
             details={"violations": violations, "capacity_kwh": cap, "load_scale": load_scale},
         )
-    )
-    return anomalies
+    ]
 
 
 # --------------------------------------------------------------------------- result: grid
 
 
-def _dispatch_within_limits(
-    dispatch: Mapping[str, FloatArray],
-    series: Mapping[str, FloatArray],
-    capacity: Mapping[str, float],
-    n: int,
-) -> bool:
-    """True if every series (dispatch and unserved, all n long: the usual case) is finite and
-    non-negative and no source is dispatched above its capacity: what the non-finite, negative
-    and capacity checks would find nothing in, decided on one stacked array. False means those
-    checks must run."""
-    if n == 0 or not series or any(v.size != n for v in series.values()):
-        return False
-    stacked = np.array(list(series.values()))
-    if not _all_finite(stacked) or float(stacked.min()) < 0.0:
-        return False
-    highest = np.maximum.reduce(stacked, axis=1)  # dispatch rows first, in `dispatch` order
-    for name, top in zip(dispatch, highest, strict=False):
-        limit = capacity.get(name)
-        # As _excess: with monotonic rounding the largest value decides.
-        if limit is not None and float(top) - limit > LIMIT_TOLERANCE * max(abs(limit), 1.0):
-            return False
-    return True
-
-
 def detect_grid_switch_result_anomalies(
     payload: GridSwitchPayload, result: Mapping[str, Any], *, load_scale: float = 1.0
 ) -> list[Anomaly]:
-    """Non-finite/negative dispatch, sources above capacity and load left unserved."""
+    """Load a checked dispatch leaves unserved."""
     loads = np.asarray(payload.load_forecast, dtype=np.float64)
     return _grid_switch_result_anomalies(payload, result, load_scale, loads)
 
@@ -1339,92 +1143,36 @@ def _grid_switch_result_anomalies(
     payload: GridSwitchPayload, result: Mapping[str, Any], load_scale: float, loads: FloatArray
 ) -> list[Anomaly]:
     """`detect_grid_switch_result_anomalies` given the load forecast as an array."""
-    raw_dispatch = _field(result, GridSwitchResult, "dispatch_kw")
-    if not isinstance(raw_dispatch, Mapping):
-        return []
-    named = {str(k): v for k, v in raw_dispatch.items()}
-    dispatch = {k: a for k, v in named.items() if (a := _floats(v)) is not None}
-    series = {f"dispatch_kw.{k}": a for k, a in dispatch.items()}
-    unserved = _floats(_field(result, GridSwitchResult, "unserved_kw"))
-    if unserved is not None:
-        series["unserved_kw"] = unserved
     load = loads * load_scale
-    n = load.size
-    capacity = {s.name: s.capacity_kw for s in payload.sources}
-    anomalies: list[Anomaly] = []
-    quiet = _dispatch_within_limits(dispatch, series, capacity, n)
-    bad = None
-    if not quiet:
-        typical = _typical_level(load)
-        if (bad := _non_finite(series)) is not None:
-            anomalies.append(bad)
-        if (neg := _negative(series, typical, what="dispatch")) is not None:
-            anomalies.append(neg)
-
-    supplied = np.zeros(n)
-    over: dict[str, dict[str, Any]] = {}
-    for name, parsed in dispatch.items():
-        values = parsed[:n] if bad is None else _finite_or_zero(parsed[:n])
-        supplied[: values.size] += values
-        if not quiet and name in capacity:
-            steps, excess = _excess(values, capacity[name], capacity[name])
-            if steps:
-                over[name] = {
-                    "steps": steps,
-                    "capacity_kw": capacity[name],
-                    "max_dispatch_kw": _r(float(values.max())),
-                    "worst_excess_fraction": _r(excess),
-                }
-    if over:
-        worst = max(v["worst_excess_fraction"] for v in over.values())
-        anomalies.append(
-            Anomaly(
-                anomaly_type=GRID_CAPACITY_VIOLATION,
-                severity=_grade(worst, VIOLATION_MEDIUM, VIOLATION_HIGH, VIOLATION_CRITICAL),
-                description="dispatch exceeds source capacity for " + ", ".join(over),
-                suggested_actions=(
-                    "Do not issue this dispatch; cap each source at its capacity and re-solve.",
-                    "Check the source capacities sent with the request.",
-                ),
-                details={"sources": over, "load_scale": load_scale},
-            )
-        )
-
-    if unserved is not None and unserved.size >= n and bad is None:
-        reported = unserved[:n]  # (zero-padded to n below otherwise)
-    else:
-        reported = np.zeros(n)
-        if unserved is not None:
-            u = unserved[:n] if bad is None else _finite_or_zero(unserved[:n])
-            reported[: u.size] = u
-    gap = load - supplied
-    shortfall = np.maximum(np.maximum(reported, gap), 0.0)
-    short = shortfall > LIMIT_TOLERANCE * np.maximum(load, 1.0)
+    if result.get("unserved_kw") is None:
+        return []
+    # result_checks holds supply + unserved to the load, so what is unserved is what is reported.
+    unserved = _series(result, "unserved_kw")
+    short = unserved > LIMIT_TOLERANCE * np.maximum(load, 1.0)
     steps = int(np.count_nonzero(short))
-    if steps:
-        unserved_total, load_total = shortfall.sum(), load.sum()
-        share = float(unserved_total / load_total) if load_total > 0 else 1.0
-        hours = payload.resolution_minutes / 60.0
-        anomalies.append(
-            Anomaly(
-                anomaly_type=GRID_UNSERVED_LOAD,
-                severity=_grade(share, UNSERVED_MEDIUM, UNSERVED_HIGH, UNSERVED_CRITICAL),
-                description=f"{share:.1%} of the load's energy is unserved over {steps} steps",
-                suggested_actions=(
-                    "Arrange additional supply (imports, reserves) or demand response.",
-                    "Check source availability and capacities against the load forecast.",
-                ),
-                details={
-                    "steps": steps,
-                    "unserved_kwh": _r(float(unserved_total * hours)),
-                    "unserved_share": _r(share),
-                    "peak_unserved_kw": _r(float(shortfall.max())),
-                    "implied_by_balance": _any((gap > reported + 1e-9)[short]),
-                    "load_scale": load_scale,
-                },
-            )
+    if not steps:
+        return []
+    unserved_total, load_total = unserved.sum(), load.sum()
+    share = float(unserved_total / load_total) if load_total > 0 else 1.0
+    hours = payload.resolution_minutes / 60.0
+    return [
+        Anomaly(
+            anomaly_type=GRID_UNSERVED_LOAD,
+            severity=_grade(share, UNSERVED_MEDIUM, UNSERVED_HIGH, UNSERVED_CRITICAL),
+            description=f"{share:.1%} of the load's energy is unserved over {steps} steps",
+            suggested_actions=(
+                "Arrange additional supply (imports, reserves) or demand response.",
+                "Check source availability and capacities against the load forecast.",
+            ),
+            details={
+                "steps": steps,
+                "unserved_kwh": _r(float(unserved_total * hours)),
+                "unserved_share": _r(share),
+                "peak_unserved_kw": _r(float(unserved.max())),
+                "load_scale": load_scale,
+            },
         )
-    return anomalies
+    ]
 
 
 # --------------------------------------------------------------------------- operational
@@ -1593,12 +1341,9 @@ def detect_run_anomalies(
         run = _RunInput.of(request.payload.base.payload)
         anomalies += _input_anomalies(run)
         scales = {s.name: s.load_scale for s in request.payload.scenarios}
-        outcomes = result.get("scenarios")
-        for outcome in outcomes if isinstance(outcomes, list) else []:
-            if not isinstance(outcome, Mapping) or not isinstance(outcome.get("result"), Mapping):
-                continue
-            name = str(outcome.get("name", "?"))
-            scale = scales.get(name, 1.0)
+        for outcome in result["scenarios"]:
+            name = outcome["name"]
+            scale = scales[name]
             # Scenarios scale loads (never battery limits), as the QNN applies them.
             found = _result_anomalies(run, outcome["result"], scale)
             anomalies += [_in_scenario(a, name) for a in found]
