@@ -19,6 +19,7 @@ import structlog
 from opentelemetry import trace
 
 from contracts.requests import AnyRequest, ForecastRequest, request_fingerprint
+from contracts.results import ExecutionMetadata
 from contracts.topology import ATTEMPT_HEADER, PUBLISHED_AT_HEADER, REPLAYED_HEADER
 from contracts.vocabulary import DeadLetterReason
 from worker.core.anomalies import OP_WINDOW, Anomaly, detect_run_anomalies
@@ -103,6 +104,31 @@ class Runs(Protocol):
     async def outcome_reply(self, stored: StoredRun) -> Reply: ...
 
 
+
+@dataclass(slots=True)
+class _Run:
+    """One request on its way through the steps, and how its record is made."""
+
+    request: AnyRequest
+    fingerprint: str
+    delivery: Delivery
+    rerun: dict[str, Any] = field(default_factory=dict)
+
+    def record(self, **fields: Any) -> RunRecord:
+        delivery = self.delivery
+        return RunRecord(
+            request=self.request,
+            fingerprint=self.fingerprint,
+            attempts=delivery.attempt + 1,
+            published_at=delivery.timestamp,
+            reply_to=delivery.reply_to,
+            correlation_id=delivery.correlation_id,
+            trace_headers=tracing.inject(),
+            **self.rerun,
+            **fields,
+        )
+
+
 class Pipeline:
     def __init__(
         self,
@@ -164,58 +190,100 @@ class Pipeline:
         return decision
 
     async def _process(self, request: AnyRequest, delivery: Delivery, started: float) -> Decision:
-        fingerprint = request_fingerprint(request)
-        stored = await self._with_db_retry(self._store.find, request.request_id)
-        rerun: dict[str, Any] = {}
-        if stored is not None:
-            # An operator's replay of a failed request (say, after a long QNN outage) re-runs it
-            # in place; anything else already stored is a duplicate or a conflict.
-            if not (
-                delivery.replayed
-                and stored.status == "failed"
-                and stored.fingerprint == fingerprint
-            ):
-                return await self._already_stored(stored, fingerprint, delivery)
-            rerun = {"run_id": uuid.UUID(stored.run_id), "replaces_failed": True}
-
-        def record(**fields: Any) -> RunRecord:
-            return RunRecord(
-                request=request,
-                fingerprint=fingerprint,
-                attempts=delivery.attempt + 1,
-                published_at=delivery.timestamp,
-                reply_to=delivery.reply_to,
-                correlation_id=delivery.correlation_id,
-                trace_headers=tracing.inject(),
-                **rerun,
-                **fields,
-            )
-
-        if request.deadline is not None and request.deadline <= datetime.now(UTC):
+        """dedupe -> deadline -> resolve -> call -> check -> detect -> save; each step either
+        hands on or ends with the Decision."""
+        run = _Run(request, request_fingerprint(request), delivery)
+        for step in (self._dedupe, self._deadline, self._resolve):
+            if (decision := await step(run)) is not None:
+                return decision
+        calling = time.perf_counter()
+        self._metrics.stages["intake"].observe(calling - started)
+        answer = await self._call(run)
+        if not isinstance(answer, QnnAnswer):
+            return answer
+        self._metrics.stages["qnn"].observe(time.perf_counter() - calling)
+        try:
+            result, metadata = check_result(run.request, answer.result, answer.metadata)
+        except InvalidResult as exc:
+            log.warning("qnn.result.invalid", error=str(exc))
             return await self._save(
-                record(
-                    status="expired",
-                    error_code="deadline_passed",
-                    error_message=f"deadline {request.deadline.isoformat()} had passed",
+                run.record(
+                    status="failed",
+                    error_code="qnn_invalid_result",
+                    error_message=str(exc),
+                    call_attempts=answer.call_attempts,
+                    round_trip_ms=answer.round_trip_ms,
                 ),
                 delivery,
             )
-        if self._datasets is not None and dataset_ref_of(request) is not None:
-            try:
-                request = await self._with_db_retry(self._datasets, request)
-            except DatasetError as exc:
-                return await self._save(
-                    record(status="failed", error_code="dataset_not_found", error_message=str(exc)),
-                    delivery,
-                )
-        stages = self._metrics.stages
-        calling = time.perf_counter()
-        stages["intake"].observe(calling - started)
+        anomalies = self._baselines.detect(
+            run.request, result, answer.round_trip_ms, metadata.cost_usd
+        )
+        decision = await self._save(
+            run.record(
+                status="completed",
+                result=result,
+                metadata=metadata,
+                call_attempts=answer.call_attempts,
+                round_trip_ms=answer.round_trip_ms,
+                anomalies=tuple(anomalies),
+            ),
+            delivery,
+        )
+        if isinstance(decision, Ack) and decision.outcome == "completed":
+            self._after_commit(run.request, metadata, anomalies)
+        return decision
+
+    async def _dedupe(self, run: _Run) -> Decision | None:
+        """A stored request is a duplicate or a conflict, unless it is an operator's replay of a
+        failed run (say, after a long QNN outage), which re-runs it in place."""
+        stored = await self._with_db_retry(self._store.find, run.request.request_id)
+        if stored is None:
+            return None
+        if (
+            run.delivery.replayed
+            and stored.status == "failed"
+            and stored.fingerprint == run.fingerprint
+        ):
+            run.rerun = {"run_id": uuid.UUID(stored.run_id), "replaces_failed": True}
+            return None
+        return await self._already_stored(stored, run.fingerprint, run.delivery)
+
+    async def _deadline(self, run: _Run) -> Decision | None:
+        deadline = run.request.deadline
+        if deadline is None or deadline > datetime.now(UTC):
+            return None
+        return await self._save(
+            run.record(
+                status="expired",
+                error_code="deadline_passed",
+                error_message=f"deadline {deadline.isoformat()} had passed",
+            ),
+            run.delivery,
+        )
+
+    async def _resolve(self, run: _Run) -> Decision | None:
+        """A dataset_ref's stored days become the request's history."""
+        if self._datasets is None or dataset_ref_of(run.request) is None:
+            return None
         try:
-            answer = await self._qnn.predict(request)
+            run.request = await self._with_db_retry(self._datasets, run.request)
+        except DatasetError as exc:
+            return await self._save(
+                run.record(status="failed", error_code="dataset_not_found", error_message=str(exc)),
+                run.delivery,
+            )
+        return None
+
+    async def _call(self, run: _Run) -> QnnAnswer | Decision:
+        """The QNN's answer; a rejection fails the run, unavailability delays it through the
+        tiers and then fails it, keeping the message for replay."""
+        delivery = run.delivery
+        try:
+            return await self._qnn.predict(run.request)
         except QnnRejected as exc:
             return await self._save(
-                record(status="failed", error_code=exc.code, error_message=str(exc)), delivery
+                run.record(status="failed", error_code=exc.code, error_message=str(exc)), delivery
             )
         except QnnUnavailable as exc:
             tiers = self._settings.retry_delays_s
@@ -228,51 +296,28 @@ class Pipeline:
                 )
                 return Delay(delivery.attempt + 1, tiers[delivery.attempt], exc.code)
             decision = await self._save(
-                record(status="failed", error_code=exc.code, error_message=str(exc)), delivery
+                run.record(status="failed", error_code=exc.code, error_message=str(exc)), delivery
             )
             # Stored as failed (and announced) above; the message itself is kept for replay.
             return (
                 DeadLetter("retries_exhausted", str(exc)) if isinstance(decision, Ack) else decision
             )
-        stages["qnn"].observe(time.perf_counter() - calling)
-        try:
-            result, metadata = check_result(request, answer.result, answer.metadata)
-        except InvalidResult as exc:
-            log.warning("qnn.result.invalid", error=str(exc))
-            return await self._save(
-                record(
-                    status="failed",
-                    error_code="qnn_invalid_result",
-                    error_message=str(exc),
-                    call_attempts=answer.call_attempts,
-                    round_trip_ms=answer.round_trip_ms,
-                ),
-                delivery,
+
+    def _after_commit(
+        self, request: AnyRequest, metadata: ExecutionMetadata, anomalies: list[Anomaly]
+    ) -> None:
+        """What a completed run's commit sets off in this process: cost and anomaly counters,
+        and the forecast scorer's note."""
+        if metadata.cost_usd:
+            self._metrics.qnn_cost.labels(model_id=metadata.model_id or "unknown").inc(
+                metadata.cost_usd
             )
-        anomalies = self._baselines.detect(request, result, answer.round_trip_ms, metadata.cost_usd)
-        decision = await self._save(
-            record(
-                status="completed",
-                result=result,
-                metadata=metadata,
-                call_attempts=answer.call_attempts,
-                round_trip_ms=answer.round_trip_ms,
-                anomalies=tuple(anomalies),
-            ),
-            delivery,
-        )
-        if isinstance(decision, Ack) and decision.outcome == "completed":
-            if metadata.cost_usd:
-                self._metrics.qnn_cost.labels(model_id=metadata.model_id or "unknown").inc(
-                    metadata.cost_usd
-                )
-            if self._on_forecast is not None and isinstance(request, ForecastRequest):
-                self._on_forecast(request)
-            for anomaly in anomalies:
-                self._metrics.anomalies.labels(
-                    severity=anomaly.severity, anomaly_type=anomaly.anomaly_type
-                ).inc()
-        return decision
+        if self._on_forecast is not None and isinstance(request, ForecastRequest):
+            self._on_forecast(request)
+        for anomaly in anomalies:
+            self._metrics.anomalies.labels(
+                severity=anomaly.severity, anomaly_type=anomaly.anomaly_type
+            ).inc()
 
     async def _save(self, record: RunRecord, delivery: Delivery) -> Decision:
         with tracing.span(
