@@ -26,12 +26,11 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
     return uvloop.run(coro)
 
 
-def _setup(args: argparse.Namespace) -> Settings:
+def _setup(args: argparse.Namespace, **flags: Any) -> Settings:
+    """The settings (environment, then the command's own flags, when given) and logging."""
     from worker.observability import logs, tracing
 
-    settings = Settings()
-    if getattr(args, "prefetch", None) and args.command == "worker":
-        settings.prefetch = args.prefetch
+    settings = Settings(**{name: value for name, value in flags.items() if value is not None})
     secrets = tuple(
         s.get_secret_value()
         for s in (settings.qnn_api_key, settings.embedder_api_key)
@@ -101,7 +100,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from worker.runtime.app import run_worker
 
-    return _run(run_worker(_setup(args), burst=args.burst))
+    settings = _setup(args, prefetch=args.prefetch or None)
+    return _run(run_worker(settings, burst=args.burst))
 
 
 async def _publish(settings: Settings, args: argparse.Namespace) -> int:
@@ -197,11 +197,7 @@ def cmd_api(args: argparse.Namespace) -> int:
     from worker.api.server import load_tokens, main_error, run_api
     from worker.observability import logs
 
-    settings = _setup(args)
-    if args.host:
-        settings.api_host = args.host
-    if args.port is not None:
-        settings.api_port = args.port
+    settings = _setup(args, api_host=args.host or None, api_port=args.port)
     try:
         tokens = load_tokens(settings)
     except TokenFileError as exc:
@@ -241,9 +237,7 @@ def _run_value(coro: Coroutine[Any, Any, T]) -> T:
 def cmd_embedder(args: argparse.Namespace) -> int:
     from worker.embedder.service import run_embedder
 
-    settings = _setup(args)
-    if args.prefetch:
-        settings.embedder_prefetch = args.prefetch
+    settings = _setup(args, embedder_prefetch=args.prefetch or None)
     return _run(run_embedder(settings, burst=args.burst))
 
 

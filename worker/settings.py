@@ -12,7 +12,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class Settings(BaseSettings):
     """Everything eglo can be told; secrets are SecretStr so they never render in logs or reprs."""
 
-    model_config = SettingsConfigDict(env_prefix="EGLO_", extra="ignore")
+    # Frozen: each component reads its slice once; nothing may change a setting behind its back.
+    model_config = SettingsConfigDict(env_prefix="EGLO_", extra="ignore", frozen=True)
 
     amqp_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
     database_url: SecretStr | None = Field(
@@ -186,7 +187,9 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _key_from_file(self) -> Settings:
         if self.qnn_api_key is None and self.qnn_api_key_file is not None:
-            self.qnn_api_key = SecretStr(self.qnn_api_key_file.read_text().strip())
+            # Still building (frozen only once validated): the key is derived, not changed.
+            key = SecretStr(self.qnn_api_key_file.read_text().strip())
+            object.__setattr__(self, "qnn_api_key", key)
         return self
 
     @model_validator(mode="after")
