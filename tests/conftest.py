@@ -18,6 +18,17 @@ from worker.observability import logs
 
 logs.configure("WARNING", json=False)
 
+# A test's folder is its kind; `-m unit`, `-m integration`, `-m e2e` select by it.
+_KINDS = ("unit", "integration", "e2e", "chaos", "hostile")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        parts = item.path.parts
+        for kind in _KINDS:
+            if kind in parts:
+                item.add_marker(getattr(pytest.mark, kind))
+
 TABLES = (
     "forecast_scores",
     "model_metrics",

@@ -4,8 +4,8 @@ What is checked here is the order and the fallbacks: the copy (dead letter, dela
 reply is published before the original is acked; a copy that cannot be published rejects the
 original to the queue's own dead-letter exchange; an unexpected error requeues, and on the last
 delivery the queue allows becomes a reasoned dead letter; a settle that fails on an open channel
-makes the worker unready. tests/test_outcomes.py and tests/test_header_fuzz.py do the same on
-the real broker.
+makes the worker unready. tests/e2e/test_outcomes.py and tests/e2e/test_header_fuzz.py do the
+same on the real broker.
 """
 
 from __future__ import annotations

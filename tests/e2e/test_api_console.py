@@ -28,7 +28,7 @@ from tests.support.harness import make_settings, running_worker
 from worker.api.console import COOKIE, csrf_token
 from worker.settings import Settings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHOTS = ROOT / ".eglo" / "console"
 
 

@@ -36,7 +36,7 @@ from contracts.rules import RULES
 from producers import topology
 from tests.support.harness import make_settings, running_worker, save_figures
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = json.loads((ROOT / "docs/schemas/request.v1.json").read_text())
 PUBLISHED_RULES = json.loads((ROOT / "docs/schemas/request.rules.v1.json").read_text())
 

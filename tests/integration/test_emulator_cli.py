@@ -17,7 +17,7 @@ from contracts.qnn import HEALTH_PATH, PREDICT_PATH
 from qnn_emulator.cli import add_arguments, run, settings_from_args
 from qnn_emulator.samples import grid_switch_request, predict_body
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _parse(*argv: str) -> argparse.Namespace:

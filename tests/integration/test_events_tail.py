@@ -26,7 +26,7 @@ from contracts.events import RunOutcome
 from producers import topology
 from worker.ops.events_tail import format_event, tail_events
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 15.0
 
 

@@ -16,7 +16,7 @@ import httpx
 from tests.support.api_support import OPERATOR, SUBMITTER, TOKENS_TEXT, bearer, sample
 from tests.support.harness import wait_for
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _free_port() -> int:

@@ -15,7 +15,7 @@ import pytest
 from tests.support.api_support import OPERATOR, empty_api_tables, serving
 from tests.support.harness import make_settings, running_worker
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CHECKS = (
     "not_a_server_error",
     "status_code_conformance",

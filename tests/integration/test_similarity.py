@@ -32,7 +32,7 @@ INDEX_NAMES = {
     "all-MiniLM-L6-v2": "optimization_embeddings_minilm_hnsw",
     "text-embedding-3-small": "optimization_embeddings_openai_hnsw",
 }
-MIGRATION = Path(__file__).resolve().parent.parent / "db" / "migrations" / "0002_embeddings.sql"
+MIGRATION = Path(__file__).resolve().parents[2] / "db" / "migrations" / "0002_embeddings.sql"
 
 
 async def store_vectors(

@@ -21,7 +21,7 @@ import pytest
 
 from tests.support.harness import make_settings, running_worker, save_figures
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 NODE_DIR = ROOT / "tests" / "node"
 SCRIPT = NODE_DIR / "conformance.mjs"
 COUNT = 5

@@ -23,7 +23,7 @@ from db.pool import connect
 from tests.support.harness import apply_first, database_at, make_settings, running_worker, wait_for
 from worker.runtime.gates import DatabaseGate, is_systemic
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def shipped() -> int:

@@ -46,7 +46,7 @@ from tests.support.harness import (
     wait_for,
 )
 
-CODEGEN = Path(__file__).parent / "codegen"
+CODEGEN = Path(__file__).resolve().parents[1] / "codegen"
 NODE_MODULES = CODEGEN / "node_modules"
 TSC = NODE_MODULES / "typescript" / "bin" / "tsc"
 GO_ENV = {"GOFLAGS": "-mod=mod", "GOPROXY": "off", "GOTOOLCHAIN": "local", "GO111MODULE": "on"}
