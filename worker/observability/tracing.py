@@ -3,7 +3,7 @@
 The trace context travels in AMQP headers (W3C `traceparent`), including through the outbox:
 each event row keeps the context of the run that wrote it, so the relay's publish joins the trace.
 When no tracer provider is installed, spans and propagation are skipped altogether: even the
-OpenTelemetry no-op API cost about 4 % of the worker's CPU (py-spy, `python -m benchmarks.profile`).
+OpenTelemetry no-op API cost a measurable share of the worker's CPU (docs/performance.md).
 """
 
 from __future__ import annotations

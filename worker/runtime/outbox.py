@@ -119,8 +119,8 @@ class OutboxRelay:
         # The channel first, with no row claimed: a robust channel waits here while its broker
         # connection is down, and rows locked meanwhile would be stuck for every other worker.
         # aio-pika's publish holds the channel's lock until the writer has flushed each frame,
-        # so a batch took one event-loop pass per event: 500 events took 6-8 s on a busy
-        # worker. On the channel underneath, with wait=False, the lock is held only to queue
+        # so a batch took one event-loop pass per event (docs/performance.md has what that cost
+        # a busy worker). On the channel underneath, with wait=False, the lock is held only to queue
         # the frame; a window of events is then in flight at once, each awaiting its confirm.
         channel = cast(aiormq.Channel, await self._channel.get_underlay_channel())
         published: list[Any] = []
