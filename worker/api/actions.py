@@ -11,7 +11,7 @@ import aiormq
 import httpx
 import structlog
 
-from worker import dlq, monitoring, tls, topology
+from worker import dlq, monitoring, tls
 from worker.api import queries
 from worker.api.auth import Principal
 from worker.api.models import DeadLetterView, Problem, ReplayResult, Resolved
@@ -74,14 +74,11 @@ async def replay_dead_letters(
     details: dict[str, Any] = {"reason": reason, "limit": limit}
     outcome = "error"
     try:
-        # At most what is in the queue now: a letter that a running worker dead-letters again
-        # at once comes back in behind the others, and worker.dlq's loop would replay it again.
-        depth = await dead_letter_depth(state)
-        replayed, kept = (0, 0)
-        if depth:
-            replayed, kept = await dlq.replay_dead_letters(
-                tls.amqp_url(state.settings), reason=reason, limit=min(limit, depth)
-            )
+        # worker.dlq replays a bounded snapshot: the letters in the DLQ now, each at most once,
+        # also when a running worker dead-letters a replayed one again at once.
+        replayed, kept = await dlq.replay_dead_letters(
+            tls.amqp_url(state.settings), reason=reason, limit=limit
+        )
         details.update(replayed=replayed, kept=kept)
         outcome = "ok"
     except BROKER_ERRORS as exc:
@@ -97,13 +94,6 @@ async def replay_dead_letters(
             outcome=outcome,
         )
     return ReplayResult(replayed=replayed, kept=kept)
-
-
-async def dead_letter_depth(state: ApiState) -> int:
-    """Ready messages in `eglo.requests.dlq` now."""
-    async with state.connection.channel() as channel:
-        queue = await channel.declare_queue(topology.DEAD_LETTER_QUEUE, passive=True)
-        return int(queue.declaration_result.message_count or 0)
 
 
 async def dead_letters(state: ApiState, limit: int) -> list[DeadLetterView]:
