@@ -3,6 +3,7 @@ back, idempotency, the dead letters' reasons on refused bodies, and access contr
 
 from __future__ import annotations
 
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -72,6 +73,32 @@ async def test_submit_and_wait_answers_the_stored_run(
     assert plot.headers["content-type"] == "image/png"
     assert plot.content.startswith(b"\x89PNG\r\n\x1a\n")
     assert await pool.fetchval("SELECT submitted_by FROM api_submissions") == "sam"
+
+
+async def test_plot_is_a_png_and_a_clear_501_without_matplotlib(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """matplotlib is a runtime dependency (the image draws); an install that lacks it still
+    serves everything else and answers a plot 501 saying what is missing."""
+    body = sample("storage", prefix="plot")
+    run = (await client.post("/storage-optimize?wait=15", json=body, headers=bearer(SUBMITTER)))
+    assert run.status_code == 200, run.text
+    url = run.json()["links"]["plot"]
+    drawn = await client.get(url, headers=bearer(READER))
+    assert (drawn.status_code, drawn.headers["content-type"]) == (200, "image/png")
+    assert drawn.content.startswith(b"\x89PNG\r\n\x1a\n")
+
+    import worker
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # importing it raises ImportError
+    monkeypatch.delitem(sys.modules, "worker.plots")
+    monkeypatch.delattr(worker, "plots")
+    missing = await client.get(url, headers=bearer(READER))
+    assert missing.status_code == 501, missing.text
+    problem = missing.json()
+    assert problem["reason"] == "plots_unavailable"
+    assert "matplotlib" in problem["detail"] and "reinstall eglo" in problem["detail"]
+    assert (await client.get(f"/runs/{body['request_id']}", headers=bearer(READER))).is_success
 
 
 async def test_every_submit_route_runs_its_type(client: httpx.AsyncClient) -> None:

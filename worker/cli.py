@@ -368,8 +368,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 async def _plot(settings: Settings, args: argparse.Namespace) -> int:
     try:
         from worker.plots import RunNotPlottable, plot_run
-    except ImportError as exc:  # matplotlib is in the demo extra, not in the image
-        print(f"eglo plot: {exc.name} is not installed (install eglo[demo])", file=sys.stderr)
+    except ImportError as exc:  # an install without eglo's dependencies
+        print(f"eglo plot: {exc.name} is not installed (reinstall eglo)", file=sys.stderr)
         return 2
 
     async with _pool(settings) as pool:

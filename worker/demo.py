@@ -44,8 +44,8 @@ async def _publish_and_wait(
         similar = await _similar_example(conn, prefix, deadline)
         try:
             from worker.plots import save_demo_plots
-        except ImportError:  # matplotlib is in the demo extra, not in the image
-            drawn = "pictures: skipped (matplotlib not installed: install eglo[demo])"
+        except ImportError:  # an install without eglo's dependencies
+            drawn = "pictures: skipped (matplotlib not installed: reinstall eglo)"
         else:
             plots = await save_demo_plots(conn, settings.data_dir / "plots")
             drawn = "pictures: " + ", ".join(str(p) for p in plots)

@@ -115,15 +115,16 @@ async def dead_letters(state: ApiState, limit: int) -> list[DeadLetterView]:
 
 
 def plots_module() -> Any:
-    """worker.plots, which needs matplotlib (the `demo` extra, not in the image); without it a
-    plot is answered 501 and the rest of the API works."""
+    """worker.plots, which needs matplotlib (a runtime dependency, in the image); an install
+    without it answers a plot 501 and the rest of the API works."""
     try:
         from worker import plots
     except ImportError:
         raise ApiError(
             501,
             "plots_unavailable",
-            "drawing runs needs matplotlib: install eglo[demo] where eglo api runs",
+            "drawing runs needs matplotlib, a dependency of eglo that this installation lacks:"
+            " reinstall eglo with its dependencies (pip install eglo) where eglo api runs",
         ) from None
     return plots
 
