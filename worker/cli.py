@@ -215,7 +215,7 @@ def cmd_api(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from worker.demo import run_demo
 
-    return run_demo(_setup(args), count=args.count)
+    return run_demo(_setup(args), count=args.count, serve=args.serve)
 
 
 def cmd_dlq(args: argparse.Namespace) -> int:
@@ -563,8 +563,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="override EGLO_API_PORT")
     p.set_defaults(func=cmd_api)
 
-    p = sub.add_parser("demo", help="emulator + worker + a sample batch, then a summary")
+    p = sub.add_parser(
+        "demo", help="emulator + worker + api + a sample batch, then a summary and the console URL"
+    )
     p.add_argument("--count", type=int, default=200)
+    p.add_argument(
+        "--serve",
+        action="store_true",
+        help="after the summary keep every process and the console up until Ctrl-C",
+    )
     p.set_defaults(func=cmd_demo)
     return parser
 
