@@ -26,8 +26,8 @@ WORKDIR /src
 
 # Dependencies first, from the lock alone, so a code-only change reuses this layer: exact
 # versions with their hashes (`make lock` writes it from pyproject.toml), so two builds a week
-# apart install the same files. Runtime dependencies only: the demo extra (matplotlib, the
-# embedded Postgres) stays out of the image.
+# apart install the same files. Runtime dependencies only (matplotlib included: the API draws
+# runs); the demo extra (the embedded Postgres) stays out of the image.
 COPY requirements.lock ./
 RUN pip install --require-hashes --no-deps -r requirements.lock
 

@@ -27,10 +27,13 @@ $(TEST_STAMP): $(STAMP)
 
 install: $(STAMP)
 
-## demo: emulator + worker + a sample batch of all four types, then a summary table
+## demo: emulator + worker + embedder + eglo api, a sample batch of all four types, a summary
+## table and the console's URL with a token; the console stays up until Ctrl-C
+## (`make demo DEMO_ARGS=` exits after the summary)
+DEMO_ARGS ?= --serve
 demo: install
 	$(BIN)/eglo migrate
-	$(BIN)/eglo demo --count 200
+	$(BIN)/eglo demo --count 200 $(DEMO_ARGS)
 
 ## unit: the tests that need no broker, database or emulator (seconds)
 unit: $(TEST_STAMP)

@@ -16,6 +16,8 @@ ORIGINAL_ROUTING_KEY_HEADER = "x-eglo-original-routing-key"
 REPUBLISHED_AT_HEADER = "x-eglo-republished-at"
 ATTEMPT_HEADER = "x-eglo-attempt"
 REPLAYED_HEADER = "x-eglo-replayed"
+# Which replay pass published a replayed copy (worker.dlq): a pass stops at its own copies.
+REPLAY_PASS_HEADER = "x-eglo-replay-pass"
 RULE_HEADER = "x-eglo-dead-letter-rule"
 ORIGINAL_EXPIRATION_HEADER = "x-eglo-original-expiration"
 ORIGINAL_USER_ID_HEADER = "x-eglo-original-user-id"

@@ -211,7 +211,7 @@ def cmd_api(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from worker.ops.demo import run_demo
 
-    return run_demo(_setup(args), count=args.count)
+    return run_demo(_setup(args), count=args.count, serve=args.serve)
 
 
 def cmd_dlq(args: argparse.Namespace) -> int:
@@ -362,8 +362,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 async def _plot(settings: Settings, args: argparse.Namespace) -> int:
     try:
         from worker.analytics.plots import RunNotPlottable, plot_run
-    except ImportError as exc:  # matplotlib is in the demo extra, not in the image
-        print(f"eglo plot: {exc.name} is not installed (install eglo[demo])", file=sys.stderr)
+    except ImportError as exc:  # an install without eglo's dependencies
+        print(f"eglo plot: {exc.name} is not installed (reinstall eglo)", file=sys.stderr)
         return 2
 
     async with _pool(settings) as pool:
@@ -557,8 +557,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="override EGLO_API_PORT")
     p.set_defaults(func=cmd_api)
 
-    p = sub.add_parser("demo", help="emulator + worker + a sample batch, then a summary")
+    p = sub.add_parser(
+        "demo", help="emulator + worker + api + a sample batch, then a summary and the console URL"
+    )
     p.add_argument("--count", type=int, default=200)
+    p.add_argument(
+        "--serve",
+        action="store_true",
+        help="after the summary keep every process and the console up until Ctrl-C",
+    )
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -3,6 +3,7 @@ back, idempotency, the dead letters' reasons on refused bodies, and access contr
 
 from __future__ import annotations
 
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -71,6 +72,32 @@ async def test_submit_and_wait_answers_the_stored_run(
     assert plot.headers["content-type"] == "image/png"
     assert plot.content.startswith(b"\x89PNG\r\n\x1a\n")
     assert await pool.fetchval("SELECT submitted_by FROM api_submissions") == "sam"
+
+
+async def test_plot_is_a_png_and_a_clear_501_without_matplotlib(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """matplotlib is a runtime dependency (the image draws); an install that lacks it still
+    serves everything else and answers a plot 501 saying what is missing."""
+    body = sample("storage", prefix="plot")
+    run = (await client.post("/storage-optimize?wait=15", json=body, headers=bearer(SUBMITTER)))
+    assert run.status_code == 200, run.text
+    url = run.json()["links"]["plot"]
+    drawn = await client.get(url, headers=bearer(READER))
+    assert (drawn.status_code, drawn.headers["content-type"]) == (200, "image/png")
+    assert drawn.content.startswith(b"\x89PNG\r\n\x1a\n")
+
+    import worker
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # importing it raises ImportError
+    monkeypatch.delitem(sys.modules, "worker.analytics.plots")
+    monkeypatch.delattr(worker, "plots")
+    missing = await client.get(url, headers=bearer(READER))
+    assert missing.status_code == 501, missing.text
+    problem = missing.json()
+    assert problem["reason"] == "plots_unavailable"
+    assert "matplotlib" in problem["detail"] and "reinstall eglo" in problem["detail"]
+    assert (await client.get(f"/runs/{body['request_id']}", headers=bearer(READER))).is_success
 
 
 async def test_every_submit_route_runs_its_type(client: httpx.AsyncClient) -> None:
@@ -354,8 +381,8 @@ async def test_dead_letters_listed_and_replayed_with_an_audit_row(
         assert [(d["message_id"], d["reason"]) for d in letters] == [
             (doc["request_id"], "unsupported_content_type")
         ]
-        # Replayed with no worker running: with one, a letter that is dead-lettered again at
-        # once comes back into the DLQ while worker.ops.dlq's replay is still draining it.
+        # Replayed with no worker running, so the replayed letter waits in eglo.requests.
+        # (test_replay_with_a_worker_running_takes_a_snapshot: with one.)
         refused = await client.post(
             "/dead-letters/replay", json={"reason": "invalid_json"}, headers=bearer(READER)
         )
@@ -386,6 +413,42 @@ async def test_dead_letters_listed_and_replayed_with_an_audit_row(
     async with amqp.channel() as channel:
         requests = await channel.declare_queue(topology.REQUESTS_QUEUE, passive=True)
         assert requests.declaration_result.message_count == 1
+
+
+async def test_replay_with_a_worker_running_takes_a_snapshot(
+    client: httpx.AsyncClient, amqp: AbstractRobustConnection, amqp_url: str
+) -> None:
+    """POST /dead-letters/replay while the worker consumes: the replayed letters are not JSON, so
+    each is dead-lettered again at once, behind the letters the replay has yet to look at. The
+    replay takes the letters that were in the DLQ when it started, each once."""
+    bad = [f"loop-{i}" for i in range(12)]
+    async with Publisher.connect(amqp_url) as publisher:
+        for message_id in bad:
+            await publisher.publish_raw(b"{oops", "request.forecast", message_id=message_id)
+        await publisher.publish_raw(
+            b"{}", "request.forecast", content_type="text/plain", message_id="other"
+        )
+
+    async def dead_letters() -> int:
+        async with amqp.channel() as channel:
+            queue = await channel.declare_queue(topology.DEAD_LETTER_QUEUE, passive=True)
+            return int(queue.declaration_result.message_count or 0)
+
+    await wait_for(lambda: _equals(dead_letters(), len(bad) + 1))
+    replay = await client.post(
+        "/dead-letters/replay",
+        json={"reason": "invalid_json", "limit": 100},
+        headers=bearer(OPERATOR),
+    )
+    assert replay.status_code == 200, replay.text
+    assert replay.json() == {"replayed": len(bad), "kept": 1}
+    await wait_for(lambda: _equals(dead_letters(), len(bad) + 1))
+    listed = (await client.get("/dead-letters", headers=bearer(READER))).json()
+    assert sorted(d["message_id"] for d in listed) == sorted([*bad, "other"])
+
+
+async def _equals(value: Any, expected: int) -> bool:
+    return bool(await value == expected)
 
 
 async def test_anomalies_listed_and_resolved_with_an_audit_row(

@@ -115,3 +115,31 @@ async def test_replay_by_reason_keeps_the_others(
 
 async def _depth(amqp: AbstractRobustConnection, name: str, n: int) -> bool:
     return await queue_depth(amqp, name) == n
+
+
+async def test_replay_with_a_worker_running_replays_each_letter_of_the_snapshot_once(
+    amqp: AbstractRobustConnection,
+    amqp_url: str,
+    database_url: str,
+    pool: asyncpg.Pool,
+    emulator: str,
+) -> None:
+    """A worker is consuming while the replay runs, and every replayed letter is dead-lettered
+    again at once (its body is still not JSON), so it lands back in the DLQ while the replay is
+    still draining it. The replay takes only the letters that were there when it started, each
+    once: it replays exactly that many, and afterwards the DLQ holds each of them once more."""
+    ids = [f"again-{i:02d}" for i in range(20)]
+    async with running_worker(make_settings(amqp_url, database_url, emulator)):
+        async with Publisher.connect(amqp_url) as publisher:
+            for message_id in ids:
+                await publisher.publish_raw(b"{oops", "request.forecast", message_id=message_id)
+        await wait_for(lambda: _depth(amqp, topology.DEAD_LETTER_QUEUE, len(ids)))
+
+        replayed, kept = await replay_dead_letters(amqp_url)
+        assert (replayed, kept) == (len(ids), 0)
+        # Each one fails again and comes back, once.
+        await wait_for(lambda: _depth(amqp, topology.DEAD_LETTER_QUEUE, len(ids)))
+        await wait_for(lambda: _depth(amqp, topology.REQUESTS_QUEUE, 0))
+    letters = await list_dead_letters(amqp_url)
+    assert sorted(d.message_id or "" for d in letters) == ids
+    assert {d.reason for d in letters} == {"invalid_json"}

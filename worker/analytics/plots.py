@@ -115,7 +115,11 @@ def _thousands(ax: Axes) -> None:
 def _time_axis(ax: Axes, *, compact: bool = False) -> None:
     locator = mdates.AutoDateLocator(minticks=3, maxticks=6 if compact else 10)  # type: ignore[no-untyped-call]
     ax.xaxis.set_major_locator(locator)
-    ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))  # type: ignore[no-untyped-call]
+    # Hourly ticks: the offset is only the year. By default it was the last tick's day, the day
+    # after the run's ("2025-Dec-06" under a 2025-12-04 schedule); the ticks at midnight name
+    # their days anyway.
+    offsets = ["", "%Y", "%Y-%b", "%Y", "%Y-%b-%d", "%Y-%b-%d %H:%M"]
+    ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator, offset_formats=offsets))  # type: ignore[no-untyped-call]
 
 
 def _style(ax: Axes) -> None:

@@ -11,7 +11,6 @@ import aiormq
 import httpx
 import structlog
 
-from producers import topology
 from worker.api import queries
 from worker.api.auth import Principal
 from worker.api.models import DeadLetterView, Problem, ReplayResult, Resolved
@@ -76,14 +75,11 @@ async def replay_dead_letters(
     details: dict[str, Any] = {"reason": reason, "limit": limit}
     outcome = "error"
     try:
-        # At most what is in the queue now: a letter that a running worker dead-letters again
-        # at once comes back in behind the others, and worker.ops.dlq's loop would replay it again.
-        depth = await dead_letter_depth(state)
-        replayed, kept = (0, 0)
-        if depth:
-            replayed, kept = await dlq.replay_dead_letters(
-                connections.amqp_url(state.settings), reason=reason, limit=min(limit, depth)
-            )
+        # worker.ops.dlq replays a bounded snapshot: the letters in the DLQ now, each at most once,
+        # also when a running worker dead-letters a replayed one again at once.
+        replayed, kept = await dlq.replay_dead_letters(
+            connections.amqp_url(state.settings), reason=reason, limit=limit
+        )
         details.update(replayed=replayed, kept=kept)
         outcome = "ok"
     except BROKER_ERRORS as exc:
@@ -99,13 +95,6 @@ async def replay_dead_letters(
             outcome=outcome,
         )
     return ReplayResult(replayed=replayed, kept=kept)
-
-
-async def dead_letter_depth(state: ApiState) -> int:
-    """Ready messages in `eglo.requests.dlq` now."""
-    async with state.connection.channel() as channel:
-        queue = await channel.declare_queue(topology.DEAD_LETTER_QUEUE, passive=True)
-        return int(queue.declaration_result.message_count or 0)
 
 
 async def dead_letters(state: ApiState, limit: int) -> list[DeadLetterView]:
@@ -127,15 +116,16 @@ async def dead_letters(state: ApiState, limit: int) -> list[DeadLetterView]:
 
 
 def plots_module() -> Any:
-    """analytics/plots, which needs matplotlib (the `demo` extra, not in the image); without it a
-    plot is answered 501 and the rest of the API works."""
+    """analytics/plots, which needs matplotlib (a runtime dependency, in the image); an install
+    without it answers a plot 501 and the rest of the API works."""
     try:
         from worker.analytics import plots
     except ImportError:
         raise ApiError(
             501,
             "plots_unavailable",
-            "drawing runs needs matplotlib: install eglo[demo] where eglo api runs",
+            "drawing runs needs matplotlib, a dependency of eglo that this installation lacks:"
+            " reinstall eglo with its dependencies (pip install eglo) where eglo api runs",
         ) from None
     return plots
 

@@ -530,7 +530,7 @@ def create_app(settings: Settings, tokens: TokenTable, *, state: ApiState | None
             **AUTH_ERRORS,
             404: _doc("No such run."),
             409: _doc("The run has no result to draw (failed or expired)."),
-            501: _doc("This installation cannot draw (matplotlib: the eglo[demo] extra)."),
+            501: _doc("This installation cannot draw: matplotlib, a dependency, is missing."),
         },
     )
     async def plot_run(request_id: RequestIdPath, state: State, _: Reader) -> Response:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -14,6 +15,7 @@ from contracts.topology import (
     DETAIL_HEADER,
     ORIGINAL_ROUTING_KEY_HEADER,
     REASON_HEADER,
+    REPLAY_PASS_HEADER,
     REPLAYED_HEADER,
     REPUBLISHED_AT_HEADER,
     RULE_HEADER,
@@ -90,30 +92,50 @@ async def list_dead_letters(amqp_url: str, *, limit: int = 100) -> list[DeadLett
 async def replay_dead_letters(
     amqp_url: str, *, reason: str | None = None, limit: int | None = None
 ) -> tuple[int, int]:
-    """Re-publish dead letters (optionally only one reason) to `eglo.requests`.
+    """Re-publish the dead letters in the DLQ now (optionally only one reason) to `eglo.requests`,
+    each at most once.
 
-    Returns (replayed, kept). Each message is acked on the DLQ only after the broker confirmed
-    its replay, so a crash mid-way duplicates at most, never loses; the worker's idempotency
-    absorbs the duplicate.
+    A bounded snapshot: while workers run, a replayed letter that fails again is dead-lettered
+    behind the others before the pass has drained the queue, and a pass that read until the queue
+    was empty replayed it round and round (20 letters: 200 replays at limit=200; no end without
+    a limit). So a pass fetches at most the messages that were ready when it started, and stops
+    at the first copy of its own that came back (each copy carries the pass's id in
+    REPLAY_PASS_HEADER), which covers letters a concurrent peek held when the count was taken.
+    Letters it leaves (another reason) are held unacked until the end, so none is fetched twice.
+
+    Returns (replayed, kept): kept counts the snapshot's letters left in the DLQ. Each message is
+    acked on the DLQ only after the broker confirmed its replay, so a crash mid-way duplicates at
+    most, never loses; the worker's idempotency absorbs the duplicate.
     """
     replayed = kept = 0
+    pass_id = uuid.uuid4().hex
     async with _dlq_channel(amqp_url) as channel:
-        queue = await channel.get_queue(topology.DEAD_LETTER_QUEUE)
+        queue = await channel.declare_queue(topology.DEAD_LETTER_QUEUE, passive=True)
+        snapshot = int(queue.declaration_result.message_count or 0)
         exchange = await channel.get_exchange(topology.REQUESTS_EXCHANGE)
-        skipped: list[AbstractIncomingMessage] = []
-        while limit is None or replayed < limit:
+        held: list[AbstractIncomingMessage] = []
+        fetched = 0
+        while fetched < snapshot:
+            if limit is not None and replayed >= limit:
+                kept += snapshot - fetched  # not looked at: they stay
+                break
             message = await queue.get(no_ack=False, fail=False)
             if message is None:
                 break
+            if (message.headers or {}).get(REPLAY_PASS_HEADER) == pass_id:
+                held.append(message)  # replayed by this pass and back already: done
+                break
+            fetched += 1
             letter = describe(message)
             if reason is not None and letter.reason != reason:
-                skipped.append(message)
+                held.append(message)
                 kept += 1
                 continue
             headers: dict[str, Any] = {
                 k: v for k, v in (message.headers or {}).items() if k not in _DEAD_LETTER_HEADERS
             }
             headers[REPLAYED_HEADER] = True
+            headers[REPLAY_PASS_HEADER] = pass_id
             await exchange.publish(
                 topology.republished_copy(message, headers),
                 routing_key=letter.routing_key or "request.unknown",
@@ -121,7 +143,7 @@ async def replay_dead_letters(
             )
             await message.ack()
             replayed += 1
-        for message in skipped:
+        for message in held:
             await message.nack(requeue=True)
     return replayed, kept
 
