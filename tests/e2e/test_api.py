@@ -87,11 +87,11 @@ async def test_plot_is_a_png_and_a_clear_501_without_matplotlib(
     assert (drawn.status_code, drawn.headers["content-type"]) == (200, "image/png")
     assert drawn.content.startswith(b"\x89PNG\r\n\x1a\n")
 
-    import worker
+    import worker.analytics
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # importing it raises ImportError
     monkeypatch.delitem(sys.modules, "worker.analytics.plots")
-    monkeypatch.delattr(worker, "plots")
+    monkeypatch.delattr(worker.analytics, "plots")
     missing = await client.get(url, headers=bearer(READER))
     assert missing.status_code == 501, missing.text
     problem = missing.json()
