@@ -2,8 +2,8 @@
 FastStream baseline, in one invocation; prints a Markdown table and writes it into
 docs/performance.md (issue 4).
 
-    python -m benchmarks            # full run (N = 20,000; ~15-25 min on 2 cores)
-    python -m benchmarks --quick    # smoke run (~2 min); prints, does not touch the docs
+    python -m benchmarks            # full run (N = 20,000; ~20-30 min on 2 cores)
+    python -m benchmarks --quick    # smoke run (~10 min); prints, does not touch the docs
     python -m benchmarks --only eglo --worker-env EGLO_PREFETCH=256   # one part, a knob turned
 
 Phases (each in a fresh vhost and a fresh database): fixtures (real QNN answers per template),
@@ -734,9 +734,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     if results.curves:
         subtitle = f"{results.started_at} UTC, mode {results.mode}"
-        curves.plot(results.curves, log_dir / "performance.png", subtitle)
-        if write_docs:
-            curves.plot(results.curves, PLOT, subtitle)
+        try:
+            curves.plot(results.curves, log_dir / "performance.png", subtitle)
+            if write_docs:
+                curves.plot(results.curves, PLOT, subtitle)
+        except ImportError as exc:  # matplotlib comes with the demo/dev extras (make install)
+            print(f"[bench] no curves picture: {exc}", file=sys.stderr)
     if write_docs:
         write_section("results", table)
         print(f"\nwritten to docs/performance.md; logs and results.json in {log_dir}",
