@@ -26,7 +26,6 @@ from benchmarks import stages
 from benchmarks.e2e import spawn_worker
 from benchmarks.harness import (
     Bench,
-    Drain,
     Latency,
     Probes,
     World,
@@ -44,6 +43,7 @@ from worker import topology
 from worker.processes import free_port
 
 SHARES = (0.10, 0.25, 0.50, 0.75, 0.90)
+DISTURBED_CORES = 0.3  # as run.py flags a phase
 
 
 @dataclass
@@ -91,7 +91,7 @@ async def measure_curve(
             probes = Probes(bench, {"consumer": psutil.Process(process.pid)})
             if maximum is None:
                 drain, _ = await measure_drain(world, probes, drain_requests, processes=[process])
-                maximum = sustained(drain)
+                maximum = drain.sustained_per_s
                 if drain.stalled or maximum is None:
                     raise RuntimeError(f"{name}: no maximum (drain stalled)")
                 maximum_basis = f"a {drain_requests:,}-request backlog drained in this phase"
@@ -139,14 +139,6 @@ async def measure_curve(
             codes = stop_all([process], grace_s=40)
         curve.exit_codes = codes
         return curve
-
-
-def sustained(drain: Drain) -> float | None:
-    """A drain's rate, the lower of completion events and commits: on a short backlog eglo's
-    relay announces runs in bursts, and a 5-95 % window of events alone can come out far too
-    fast."""
-    rates = [r for r in (drain.runs_per_s, drain.commits_per_s) if r is not None and r > 0]
-    return min(rates) if rates else None
 
 
 async def eglo_curve(
@@ -219,6 +211,9 @@ def format_curves(curves: Sequence[Curve]) -> list[str]:
             lat = p.latency
             missing = f" ({lat.sent - lat.received} missing)" if lat.received < lat.sent else ""
             label = p.label if p.label.endswith("%") else f"{p.label} ({p.share * 100:.0f} %)"
+            foreign = lat.cpu_per_1000.get("unaccounted", 0.0) / 1000 * lat.offered_rate
+            if foreign > DISTURBED_CORES:
+                missing += f" ⚠ other work used {foreign:.2f} cores"
             lines.append(
                 f"| {c.title} | {label} | {num(lat.offered_rate)} | {num(lat.received)}{missing} "
                 f"| {num(lat.p50_ms)} / {num(lat.p95_ms)} / {num(lat.p99_ms)} "
@@ -260,7 +255,8 @@ def plot(curves: Sequence[Curve], path: Path, subtitle: str = "") -> None:
         ax.set_yscale("log")
         ax.axhline(100, color="grey", linewidth=0.8, alpha=0.6)
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].text(11, 104, "100 ms (eglo p99 target at 50 %)", color="grey", fontsize=8)
+    axes[0].text(0.99, 104, "100 ms: eglo's p99 target at 50 %", color="grey", fontsize=8,
+                 ha="right", va="bottom", transform=axes[0].get_yaxis_transform())
     axes[0].set_xlabel("offered load, % of the pipeline's own maximum")
     axes[1].set_xlabel("offered load, requests/s")
     axes[0].set_ylabel("publish → outcome event latency, ms (log)")
