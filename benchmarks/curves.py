@@ -16,6 +16,7 @@ import asyncio
 import dataclasses
 import math
 import subprocess
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,7 @@ class CurvePoint:
     label: str  # "50 %" or e.g. "baseline's half load"
     latency: Latency
     consumer_cpu_per_1000: float
+    foreign_cores: float = 0.0  # other work on the machine meanwhile (the harness' unaccounted)
     stages: dict[str, dict[str, float]] = field(default_factory=dict)  # eglo only
 
 
@@ -110,6 +112,7 @@ async def measure_curve(
                 count = max(50, int(rate * seconds))
                 before = stages.scrape(metrics_port) if metrics_port else {}
                 cpu0 = probes.cpu()["consumer"]
+                t0 = time.perf_counter()
                 latency = await measure_latency(
                     world,
                     bench.workload.requests(count, f"{name}-c{index}"),
@@ -117,6 +120,8 @@ async def measure_curve(
                     probes=probes,
                 )
                 cpu = probes.cpu()["consumer"] - cpu0
+                elapsed = time.perf_counter() - t0
+                unaccounted = latency.cpu_per_1000.get("unaccounted", 0.0) * latency.received / 1000
                 breakdown: dict[str, dict[str, float]] = {}
                 if metrics_port:
                     await asyncio.sleep(0.5)  # the last confirms' observations
@@ -131,6 +136,7 @@ async def measure_curve(
                         label=label,
                         latency=latency,
                         consumer_cpu_per_1000=cpu / max(latency.received, 1) * 1000,
+                        foreign_cores=max(unaccounted / elapsed, 0.0),
                         stages=breakdown,
                     )
                 )
@@ -211,9 +217,8 @@ def format_curves(curves: Sequence[Curve]) -> list[str]:
             lat = p.latency
             missing = f" ({lat.sent - lat.received} missing)" if lat.received < lat.sent else ""
             label = p.label if p.label.endswith("%") else f"{p.label} ({p.share * 100:.0f} %)"
-            foreign = lat.cpu_per_1000.get("unaccounted", 0.0) / 1000 * lat.offered_rate
-            if foreign > DISTURBED_CORES:
-                missing += f" ⚠ other work used {foreign:.2f} cores"
+            if p.foreign_cores > DISTURBED_CORES:
+                missing += f" ⚠ other work used {p.foreign_cores:.2f} cores"
             lines.append(
                 f"| {c.title} | {label} | {num(lat.offered_rate)} | {num(lat.received)}{missing} "
                 f"| {num(lat.p50_ms)} / {num(lat.p95_ms)} / {num(lat.p99_ms)} "
