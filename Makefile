@@ -56,7 +56,8 @@ chaos: install
 	$(BIN)/python -m tests.chaos | tee .eglo/chaos/table.md
 	$(BIN)/python -m tests.chaos --cluster | tee .eglo/chaos/cluster-table.md
 
-## bench: ceilings, eglo, the FastStream baseline, memory and scale-out; writes docs/performance.md
+## bench: ceilings (AMQP, DB, fair), eglo, the FastStream baseline, latency curves, memory and
+## scale-out; writes docs/performance.md and docs/performance.png
 bench: install
 	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python -m benchmarks

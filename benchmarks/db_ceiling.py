@@ -18,9 +18,10 @@ import asyncio
 import resource
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 import orjson
@@ -73,34 +74,47 @@ def _self_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def _columns(
-    fixtures: list[Fixture], inputs: list[dict[str, Any]], ids: list[str]
+class Written(NamedTuple):
+    """One request's answer, as the rows are built from it (the DB ceiling: its template's
+    recorded answer; the fair ceiling: what the emulator just returned)."""
+
+    request_id: str
+    fixture: Fixture  # the request's template: type, region, date, fingerprint, event bodies
+    input_doc: dict[str, Any]  # the request as stored in input_payload
+    result: dict[str, Any]
+    execution: dict[str, Any]  # ExecutionMetadata's fields
+    round_trip_ms: float | None
+
+
+def columns(
+    batch: Sequence[Written],
 ) -> tuple[list[list[Any]], list[list[Any]], list[list[Any]]]:
-    n = len(fixtures)
+    """The unnest() columns of `_INSERT_RUNS`, `_INSERT_METRICS`, `_INSERT_OUTBOX` for a batch:
+    per request a completed run, its metrics and its two events (outcome, embedding.requested),
+    the bodies eglo's records produce for the template with this request's ids and answer."""
     now = datetime.now(UTC)
     iso = now.isoformat()
     runs: list[list[Any]] = [[] for _ in range(11)]
     metrics: list[list[Any]] = [[] for _ in range(9)]
     outbox: list[list[Any]] = [[] for _ in range(4)]
-    for request_id in ids:
-        i = template_index(request_id, n)
-        fx = fixtures[i]
+    for w in batch:
+        fx = w.fixture
         req = fx.request
-        meta = fx.metadata
+        ex = w.execution
         run_id = uuid.uuid4()
         for column, value in zip(
             runs,
             (
                 run_id,
-                request_id,
+                w.request_id,
                 req.request_type,
                 req.region,
                 req.forecast_date,
-                orjson.dumps({**inputs[i], "request_id": request_id}).decode(),
+                orjson.dumps(w.input_doc).decode(),
                 fx.fingerprint,
-                orjson.dumps(fx.result).decode(),
-                meta.model_id,
-                (meta.execution_time_ms or 0) / 1000,
+                orjson.dumps(w.result).decode(),
+                ex.get("model_id"),
+                (ex.get("execution_time_ms") or 0) / 1000,
                 now,
             ),
             strict=True,
@@ -110,35 +124,75 @@ def _columns(
             metrics,
             (
                 run_id,
-                meta.model_id,
-                meta.device,
-                meta.circuit_depth,
-                meta.n_qubits,
-                meta.execution_time_ms,
-                meta.cost_usd,
+                ex.get("model_id"),
+                ex.get("device"),
+                ex.get("circuit_depth"),
+                ex.get("n_qubits"),
+                ex.get("execution_time_ms"),
+                ex.get("cost_usd"),
                 1,
-                fx.round_trip_ms,
+                w.round_trip_ms,
             ),
             strict=True,
         ):
             column.append(value)
-        ids_doc = {"run_id": str(run_id), "request_id": request_id, "occurred_at": iso}
-        for key, doc, kind in (
-            (fx.outcome_key, fx.outcome_doc, "outcome:completed"),
-            ("embedding.requested", fx.embedding_doc, "embedding.requested"),
+        ids_doc = {"run_id": str(run_id), "request_id": w.request_id, "occurred_at": iso}
+        outcome_id = uuid.uuid5(run_id, "outcome:completed")
+        embedding_id = uuid.uuid5(run_id, "embedding.requested")
+        for event_id, key, doc in (
+            (
+                outcome_id,
+                fx.outcome_key,
+                {**fx.outcome_doc, **ids_doc, "result": w.result, "execution": ex,
+                 "event_id": str(outcome_id)},
+            ),
+            (
+                embedding_id,
+                "embedding.requested",
+                {**fx.embedding_doc, **ids_doc, "event_id": str(embedding_id)},
+            ),
         ):
-            event_id = uuid.uuid5(run_id, kind)
             outbox[0].append(event_id)
             outbox[1].append("eglo.events")
             outbox[2].append(key)
-            outbox[3].append(orjson.dumps({**doc, **ids_doc, "event_id": str(event_id)}))
+            outbox[3].append(orjson.dumps(doc))
     return runs, metrics, outbox
+
+
+async def write_batch(
+    conn: asyncpg.Connection,
+    runs: list[list[Any]],
+    metrics: list[list[Any]],
+    outbox: list[list[Any]],
+) -> None:
+    """One transaction: the batch's runs, metrics and outbox rows (events not yet published)."""
+    async with conn.transaction():
+        await conn.execute(_INSERT_RUNS, *runs)
+        await conn.execute(_INSERT_METRICS, *metrics)
+        await conn.execute(_INSERT_OUTBOX, *outbox)
+
+
+async def mark_published(conn: asyncpg.Connection, event_ids: list[uuid.UUID]) -> None:
+    """What eglo's outbox relay does to the database once the broker confirmed the events."""
+    await conn.execute(_MARK, event_ids)
+
+
+def recorded(fixtures: list[Fixture], request_id: str) -> Written:
+    """The DB ceiling's rows for one request: its template's recorded answer."""
+    fx = fixtures[template_index(request_id, len(fixtures))]
+    return Written(
+        request_id,
+        fx,
+        {**fx.request_doc, "request_id": request_id},
+        fx.result,
+        fx.execution,
+        fx.round_trip_ms,
+    )
 
 
 async def run(
     bench: Bench, fixtures: list[Fixture], requests: int, *, writers: int = 4, batch: int = 100
 ) -> DbCeiling:
-    inputs = [f.request.model_dump(mode="json") for f in fixtures]
     ids = [f"db-{i:07d}" for i in range(requests)]
     async with bench.world("db-ceiling") as world:
         pool = await asyncpg.create_pool(world.db_url, min_size=writers, max_size=writers)
@@ -155,13 +209,12 @@ async def run(
                 while next_batch < requests:
                     start = next_batch
                     next_batch += batch
-                    runs, metrics, outbox = _columns(fixtures, inputs, ids[start:start + batch])
+                    runs, metrics, outbox = columns(
+                        [recorded(fixtures, rid) for rid in ids[start:start + batch]]
+                    )
                     async with pool.acquire() as conn:
-                        async with conn.transaction():
-                            await conn.execute(_INSERT_RUNS, *runs)
-                            await conn.execute(_INSERT_METRICS, *metrics)
-                            await conn.execute(_INSERT_OUTBOX, *outbox)
-                        await conn.execute(_MARK, outbox[0])
+                        await write_batch(conn, runs, metrics, outbox)
+                        await mark_published(conn, outbox[0])
 
             pg0 = tree_cpu(bench.postmaster) if bench.postmaster else float("nan")
             cpu0 = _self_cpu()

@@ -153,7 +153,7 @@ async def eglo(
         f"eglo-{workers}w",
         lambda world: [spawn_worker(bench, world, i + 1, ports[i]) for i in range(workers)],
         requests,
-        latency_rate=(lambda d: d.runs_per_s / 2) if latency else (lambda d: None),
+        latency_rate=(lambda d: (d.sustained_per_s or 0) / 2) if latency else (lambda d: None),
         latency_seconds=latency_seconds,
         metrics_port=ports[0] if workers == 1 else None,
     )
@@ -178,7 +178,7 @@ async def baseline(bench: Bench, requests: int, latency_seconds: float) -> E2E:
         "faststream",
         start,
         requests,
-        latency_rate=lambda d: d.runs_per_s / 2,
+        latency_rate=lambda d: (d.sustained_per_s or 0) / 2,
         latency_seconds=latency_seconds,
     )
 

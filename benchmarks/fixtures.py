@@ -10,6 +10,7 @@ type (it competes for the cores with the worker).
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,7 @@ from benchmarks.harness import Bench, process_cpu
 from contracts.qnn import PREDICT_PATH, build_predict_body, parse_predict_response
 from contracts.requests import AnyRequest, request_fingerprint
 from contracts.results import ExecutionMetadata
+from producers.reader import parse_request
 from worker.core.records import RunRecord
 from worker.core.result_checks import check_result
 
@@ -38,12 +40,42 @@ class Fixture:
     outcome_key: str
     embedding_doc: dict[str, Any]  # embedding.requested body, template ids
 
+    @functools.cached_property
+    def request_doc(self) -> dict[str, Any]:
+        """The template request as JSON (what eglo stores as input_payload, template id)."""
+        return self.request.model_dump(mode="json")
+
+    @property
+    def execution(self) -> dict[str, Any]:
+        """The execution metadata as eglo publishes it (the outcome event's `execution`)."""
+        execution: dict[str, Any] = self.outcome_doc.get("execution") or {}
+        return execution
+
     def to_json(self) -> dict[str, Any]:
+        """For the ceilings' own processes (`python -m benchmarks.amqp_ceiling --fixtures`)."""
         return {
             "outcome_key": self.outcome_key,
             "outcome": self.outcome_doc,
             "embedding": self.embedding_doc,
+            "request": self.request.model_dump(mode="json", exclude_none=True),
+            "fingerprint": self.fingerprint,
+            "result": self.result,
+            "metadata": self.metadata.model_dump(mode="json"),
+            "round_trip_ms": self.round_trip_ms,
         }
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> Fixture:
+        return cls(
+            request=parse_request(doc["request"]),
+            fingerprint=doc["fingerprint"],
+            result=doc["result"],
+            metadata=ExecutionMetadata.model_validate(doc["metadata"]),
+            round_trip_ms=doc["round_trip_ms"],
+            outcome_doc=doc["outcome"],
+            outcome_key=doc["outcome_key"],
+            embedding_doc=doc["embedding"],
+        )
 
 
 async def _answer(client: httpx.AsyncClient, request: AnyRequest) -> Fixture:

@@ -2,14 +2,15 @@
 FastStream baseline, in one invocation; prints a Markdown table and writes it into
 docs/performance.md (issue 4).
 
-    python -m benchmarks            # full run (N = 20,000; ~15-25 min on 2 cores)
-    python -m benchmarks --quick    # smoke run (~2 min); prints, does not touch the docs
+    python -m benchmarks            # full run (N = 20,000; ~20-30 min on 2 cores)
+    python -m benchmarks --quick    # smoke run (~10 min); prints, does not touch the docs
     python -m benchmarks --only eglo --worker-env EGLO_PREFETCH=256   # one part, a knob turned
 
 Phases (each in a fresh vhost and a fresh database): fixtures (real QNN answers per template),
-DB ceiling, eglo with one worker, AMQP ceiling, FastStream baseline, eglo with two workers,
-memory with a large backlog. Logs of every child process go to .eglo/bench/<stamp>/, and all
-figures to results.json there.
+DB ceiling, eglo with one worker, the fair ceiling (eglo's whole pipeline written by hand),
+AMQP ceiling, FastStream baseline, eglo with two workers, latency curves of eglo and the
+baseline (`--curve-seconds` per point), memory with a large backlog. Logs of every child
+process go to .eglo/bench/<stamp>/, and all figures to results.json there.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import os
 import platform
 import shlex
@@ -33,13 +35,14 @@ from typing import Any, TypeVar
 import orjson
 import structlog
 
-from benchmarks import amqp_ceiling, db_ceiling, e2e
+from benchmarks import amqp_ceiling, curves, db_ceiling, e2e, fair_ceiling
+from benchmarks.curves import Curve, CurvePoint
 from benchmarks.fixtures import build_fixtures
-from benchmarks.harness import LOG_ROOT, Drain, Latency, open_bench, wait_quiet
+from benchmarks.harness import LOG_ROOT, Bench, Drain, Latency, open_bench, wait_quiet
 from benchmarks.report import num, verdict, write_section
 from worker.observability.metrics import STAGES
 
-PHASES = ("db", "eglo", "amqp", "baseline", "scaleout", "memory")
+PHASES = ("db", "eglo", "fair", "amqp", "baseline", "scaleout", "curves", "memory")
 T = TypeVar("T")
 
 
@@ -54,10 +57,12 @@ class Sizes:
     distinct: int
     db_writers: int
     db_batch: int
+    curve_seconds: float  # of offered load per point of the latency curves
+    curve_drain_requests: int  # backlog for a curve's maximum when its own phase did not run
 
 
-FULL = Sizes(20_000, 20_000, 20_000, 100_000, 60.0, 30.0, 400, 4, 100)
-QUICK = Sizes(1_500, 1_000, 1_500, 5_000, 12.0, 6.0, 100, 4, 100)
+FULL = Sizes(20_000, 20_000, 20_000, 100_000, 60.0, 30.0, 400, 4, 100, 15.0, 5_000)
+QUICK = Sizes(1_500, 1_000, 1_500, 5_000, 12.0, 6.0, 100, 4, 100, 4.0, 2_000)
 
 
 @dataclasses.dataclass
@@ -73,10 +78,14 @@ class Results:
     db: db_ceiling.DbCeiling | None = None
     amqp: tuple[Drain, Latency | None] | None = None
     amqp_latency_basis: str = ""
+    fair: tuple[Drain, Latency | None] | None = None
+    fair_latency_basis: str = ""
     eglo: e2e.E2E | None = None
     baseline: e2e.E2E | None = None
     scaleout: e2e.E2E | None = None
     memory: e2e.Memory | None = None
+    curves: list[Curve] = dataclasses.field(default_factory=list)
+    plot_path: str = ""
     errors: dict[str, str] = dataclasses.field(default_factory=dict)
     phase_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
     quiet: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
@@ -90,6 +99,7 @@ class Results:
 
 
 DISTURBED_CORES = 0.3
+PLOT = Path("docs/performance.png")
 
 
 def _foreign(result: object) -> float | None:
@@ -189,6 +199,18 @@ async def run(args: argparse.Namespace, sizes: Sizes, results: Results, log_dir:
             results.eglo = await _phase(
                 results, "eglo", lambda: e2e.eglo(bench, sizes.requests, sizes.latency_seconds)
             )
+        if "fair" in phases:
+            rate, basis = _amqp_offered_load(results, args)
+            results.fair_latency_basis = (
+                basis or "half the fair ceiling's own maximum (no eglo run)"
+            )
+            results.fair = await _phase(
+                results,
+                "fair",
+                lambda: fair_ceiling.run(
+                    bench, fixtures_path, sizes.requests, rate, sizes.latency_seconds
+                ),
+            )
         if "amqp" in phases:
             rate, basis = _amqp_offered_load(results, args)
             results.amqp_latency_basis = basis
@@ -230,6 +252,8 @@ async def run(args: argparse.Namespace, sizes: Sizes, results: Results, log_dir:
                     bench, sizes.scaleout_requests, sizes.latency_seconds, workers=2, latency=False
                 ),
             )
+        if "curves" in phases:
+            await _curves(results, bench, sizes)
         if "memory" in phases:
             results.memory = await _phase(
                 results,
@@ -248,11 +272,47 @@ async def run(args: argparse.Namespace, sizes: Sizes, results: Results, log_dir:
         _ = bench  # the emulator stops when the block ends
 
 
+async def _curves(results: Results, bench: Bench, sizes: Sizes) -> None:
+    """The baseline's curve first (its maximum gives eglo's extra point), then eglo's."""
+    base_max = results.baseline.drain.sustained_per_s if results.baseline else None
+    baseline = await _phase(
+        results,
+        "curve-baseline",
+        lambda: curves.baseline_curve(
+            bench,
+            maximum=_finite(base_max),
+            drain_requests=sizes.curve_drain_requests,
+            seconds=sizes.curve_seconds,
+        ),
+    )
+    if baseline is not None:
+        results.curves.append(baseline)
+        base_max = baseline.maximum
+    eglo_max = results.eglo.drain.sustained_per_s if results.eglo else None
+    eglo = await _phase(
+        results,
+        "curve-eglo",
+        lambda: curves.eglo_curve(
+            bench,
+            maximum=_finite(eglo_max),
+            drain_requests=sizes.curve_drain_requests,
+            seconds=sizes.curve_seconds,
+            baseline_maximum=_finite(base_max),
+        ),
+    )
+    if eglo is not None:
+        results.curves.insert(0, eglo)
+
+
+def _finite(rate: float | None) -> float | None:
+    return rate if rate is not None and rate == rate and rate > 0 else None
+
+
 def _amqp_offered_load(results: Results, args: argparse.Namespace) -> tuple[float | None, str]:
     if args.amqp_latency_rate:
         return args.amqp_latency_rate, f"{args.amqp_latency_rate:g}/s (given)"
-    if results.eglo is not None:
-        rate = results.eglo.drain.runs_per_s / 2
+    if results.eglo is not None and results.eglo.drain.sustained_per_s:
+        rate = results.eglo.drain.sustained_per_s / 2
         return rate, "half eglo's measured maximum"
     return None, ""
 
@@ -278,6 +338,16 @@ def _others(cpu: dict[str, float], skip: set[str]) -> str:
 
 def _consumer_cpu(cpu: dict[str, float]) -> float:
     return sum(v for k, v in cpu.items() if k.startswith("consumer"))
+
+
+def _sustained_cpu(d: Drain) -> float:
+    """The consumer's CPU s per 1,000 runs at the drain's sustained rate: its CPU use per
+    second over the event window, divided by the lower of the event and commit rates (the
+    same figure as the table's when events and commits keep pace)."""
+    rate = d.sustained_per_s
+    if not rate or not d.runs_per_s > 0:
+        return math.nan
+    return _consumer_cpu(d.cpu_per_1000) * d.runs_per_s / rate
 
 
 def _disturbed(d: Drain) -> str:
@@ -322,6 +392,19 @@ def format_results(r: Results) -> str:
         )
     else:
         lines.append(_error_row("2 | DB ceiling", r, "db"))
+    if r.fair is not None:
+        d, lat = r.fair
+        commits = f" (commits {num(d.commits_per_s)})" if d.commits_per_s else ""
+        lines.append(
+            f"| 7 | fair ceiling: eglo's pipeline by hand (`benchmarks/fair_ceiling.py`): aio-pika "
+            f"consume (prefetch 256) → 1 aiohttp call to the emulator → the DB ceiling's rows, "
+            f"group commit (2 writers, ≤ 100) → 2 confirmed event publishes → ack "
+            f"| {num(d.requests)} | {num(d.runs_per_s)}{commits}{_disturbed(d)} "
+            f"| {num(_consumer_cpu(d.cpu_per_1000), 2)} (consumer) "
+            f"| {_others(d.cpu_per_1000, set())} | {_lat(lat)} |"
+        )
+    elif "fair" in r.errors:
+        lines.append(_error_row("7 | fair ceiling", r, "fair"))
     for idx, label, res, key in (
         (3, "eglo: 1 `eglo worker` + `eglo emulator --latency-ms 20`", r.eglo, "eglo"),
         (4, "FastStream baseline (`benchmarks/faststream_baseline.py`, prefetch 64)",
@@ -355,6 +438,14 @@ def format_results(r: Results) -> str:
         )
     else:
         lines.append(_error_row("5 | eglo memory", r, "memory"))
+    if r.curves:
+        lines += [
+            "",
+            "Latency curves (8: eglo and the FastStream baseline, each at shares of its own "
+            "maximum in this run; `docs/performance.png`):",
+            "",
+            *curves.format_curves(r.curves),
+        ]
     lines += ["", *format_targets(r), "", *format_details(r)]
     return "\n".join(lines)
 
@@ -373,6 +464,28 @@ def format_targets(r: Results) -> list[str]:
         )
     else:
         lines.append("| eglo ≥ 60 % of the lower ceiling | n/a | n/a |")
+    eglo_sustained = r.eglo.drain.sustained_per_s if r.eglo else None
+    fair_sustained = r.fair[0].sustained_per_s if r.fair else None
+    if r.eglo and r.fair and eglo_sustained and fair_sustained:
+        fair = r.fair[0]
+        share = eglo_sustained / fair_sustained
+        lines.append(
+            f"| eglo ≥ 80 % of the fair ceiling's throughput (each the lower of its event and "
+            f"commit rates) | {num(eglo_sustained)} / {num(fair_sustained)} runs/s = "
+            f"{num(share * 100)} % | {verdict(share >= 0.8)} |"
+        )
+        eglo_cpu = _sustained_cpu(r.eglo.drain)
+        fair_cpu = _sustained_cpu(fair)
+        if fair_cpu > 0:
+            ratio = eglo_cpu / fair_cpu
+            lines.append(
+                f"| eglo worker CPU per run ≤ 1.5x the fair ceiling's consumer (per run at "
+                f"those rates) | "
+                f"{num(eglo_cpu, 2)} / {num(fair_cpu, 2)} s per 1,000 runs = {num(ratio, 2)}x "
+                f"| {verdict(ratio <= 1.5)} |"
+            )
+    else:
+        lines.append("| eglo ≥ 80 % of the fair ceiling's throughput | n/a | n/a |")
     if eglo_rate and r.baseline:
         ratio = eglo_rate / r.baseline.drain.runs_per_s
         lines.append(
@@ -382,14 +495,25 @@ def format_targets(r: Results) -> list[str]:
         )
     else:
         lines.append("| eglo ≥ 2x the FastStream baseline | n/a | n/a |")
-    if r.eglo and r.eglo.latency:
-        lat = r.eglo.latency
+    half = _curve_point(r, "eglo", "50 %")
+    half_lat = half.latency if half else (r.eglo.latency if r.eglo else None)
+    if half_lat is not None:
         lines.append(
-            f"| eglo p99 ≤ 250 ms at half its maximum | p99 {num(lat.p99_ms)} ms "
-            f"@ {num(lat.offered_rate)}/s | {verdict(lat.p99_ms <= 250)} |"
+            f"| eglo p99 ≤ 100 ms at half its maximum | p99 {num(half_lat.p99_ms)} ms "
+            f"@ {num(half_lat.offered_rate)}/s{' (curve)' if half else ''} "
+            f"| {verdict(half_lat.p99_ms <= 100)} |"
         )
     else:
-        lines.append("| eglo p99 ≤ 250 ms at half load | n/a | n/a |")
+        lines.append("| eglo p99 ≤ 100 ms at half its maximum | n/a | n/a |")
+    at_base = _curve_point(r, "eglo", "baseline's half load")
+    base_half = _curve_point(r, "baseline", "50 %")
+    if at_base and base_half:
+        e, b = at_base.latency, base_half.latency
+        lines.append(
+            f"| at the baseline's half load, eglo p99 ≤ the baseline's | eglo {num(e.p99_ms)} ms "
+            f"vs baseline {num(b.p99_ms)} ms @ {num(b.offered_rate)}/s "
+            f"| {verdict(e.p99_ms <= b.p99_ms)} |"
+        )
     if r.memory:
         m = r.memory
         lines.append(
@@ -404,6 +528,13 @@ def format_targets(r: Results) -> list[str]:
             f"vs {num(eglo_rate)} runs/s = {num(speedup, 2)}x | |"
         )
     return lines
+
+
+def _curve_point(r: Results, name: str, label: str) -> CurvePoint | None:
+    for c in r.curves:
+        if c.name == name:
+            return next((p for p in c.points if p.label == label), None)
+    return None
 
 
 def format_details(r: Results) -> list[str]:
@@ -429,6 +560,12 @@ def format_details(r: Results) -> list[str]:
         "`Publisher.publish_many(rate=...)`; each is timed from the moment it is handed to "
         "`Publisher.publish` (before the broker's confirm) to the arrival of its "
         f"`run.completed.<type>` event in our queue; {num(s.latency_seconds)} s of load.",
+        "- Fair ceiling: " + (
+            f"latency at {r.fair_latency_basis}; " if r.fair else ""
+        ) + "it does eglo's I/O (consume, one HTTP call, the same rows in batched transactions, "
+        "two confirmed events, ack) and none of its checks (no request validation, result "
+        "checks, anomaly detection, duplicate lookup, retries, metrics); CPU ratios to it are "
+        "what eglo's safety and features cost per run.",
         f"- eglo settings: worker env overrides {env}. DB ceiling: Postgres "
         f"{r.environment.get('postgres', '?')}, synchronous_commit="
         f"{r.environment.get('postgres synchronous_commit', '?')}, "
@@ -465,6 +602,20 @@ def format_details(r: Results) -> list[str]:
                 )
             )
         )
+    for c in r.curves:
+        stages_at = [p for p in c.points if p.stages]
+        if stages_at:
+            lines.append(
+                f"- {c.title} stage means per curve point (ms; "
+                + " · ".join(STAGES) + "): "
+                + "; ".join(
+                    f"{p.label} "
+                    + " / ".join(num(p.stages.get(k, {}).get("mean_ms"), 1) for k in STAGES)
+                    for p in stages_at
+                )
+            )
+        if c.exit_codes and any(c.exit_codes):
+            lines.append(f"- {c.title} curve: exit codes {c.exit_codes}")
     if r.memory:
         lines.append(
             f"- memory: backlog of {num(r.memory.backlog)} published in "
@@ -512,6 +663,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--db-writers", type=int)
     p.add_argument("--db-batch", type=int)
     p.add_argument("--amqp-latency-rate", type=float, help="offered load for the AMQP ceiling")
+    p.add_argument("--curve-seconds", type=float,
+                   help="seconds of offered load per point of the latency curves")
+    p.add_argument("--curve-drain-requests", type=int,
+                   help="backlog for a curve's maximum when its pipeline's phase did not run")
     p.add_argument("--only", action="append", choices=PHASES, help="run only these phases")
     p.add_argument(
         "--worker-env",
@@ -547,6 +702,8 @@ def main(argv: list[str] | None = None) -> int:
                 "distinct": args.distinct,
                 "db_writers": args.db_writers,
                 "db_batch": args.db_batch,
+                "curve_seconds": args.curve_seconds,
+                "curve_drain_requests": args.curve_drain_requests,
             }.items()
             if v is not None
         },
@@ -589,6 +746,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.docs is not None
         else not (args.quick or args.only or results.errors)
     )
+    if results.curves:
+        subtitle = f"{results.started_at} UTC, mode {results.mode}"
+        try:
+            curves.plot(results.curves, log_dir / "performance.png", subtitle)
+            if write_docs:
+                curves.plot(results.curves, PLOT, subtitle)
+        except ImportError as exc:  # matplotlib comes with the demo/dev extras (make install)
+            print(f"[bench] no curves picture: {exc}", file=sys.stderr)
     if write_docs:
         write_section("results", table)
         print(f"\nwritten to docs/performance.md; logs and results.json in {log_dir}",

@@ -1,0 +1,133 @@
+"""The benchmark's own parts that need no broker, database or emulator: the fair ceiling sends
+the QNN what eglo sends, both ceilings build the same rows, and the latency curves are tabled and
+plotted (issue 15). No timings are asserted."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+pytest.importorskip("psutil")  # the bench extra
+
+from benchmarks import db_ceiling, fair_ceiling
+from benchmarks.curves import Curve, CurvePoint, format_curves, plot
+from benchmarks.fixtures import Fixture
+from benchmarks.harness import Latency
+from contracts.qnn import build_predict_body
+from contracts.requests import request_fingerprint
+from contracts.results import ExecutionMetadata
+from producers.reader import parse_request
+from producers.sample import generate_requests
+
+
+def _without_nulls(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
+
+
+def _wire(request: Any) -> dict[str, Any]:
+    """A request as the consumer receives it (Publisher.publish's body)."""
+    loaded: dict[str, Any] = orjson.loads(
+        orjson.dumps(request.model_dump(mode="json", exclude_none=True))
+    )
+    return loaded
+
+
+def test_fair_ceiling_sends_the_predict_body_eglo_sends() -> None:
+    requests = [parse_request(d) for d in generate_requests(40, seed=4, id_prefix="t")]
+    assert {r.request_type for r in requests} == {"forecast", "storage", "grid_switch",
+                                                  "simulation"}
+    for request in requests:
+        eglo = build_predict_body(
+            request, model_id="PRETRAINED_QNN_GRID_MODEL", mode="quantum", optimization_level=1
+        )
+        assert fair_ceiling.predict_body(_wire(request)) == _without_nulls(eglo)
+
+
+def _fixture(request: Any) -> Fixture:
+    result = {"value": 1.5}
+    execution = {"model_id": "m", "device": "sim", "n_qubits": 4, "circuit_depth": 9,
+                 "execution_time_ms": 12.5, "cost_usd": 0.01}
+    return Fixture(
+        request=request,
+        fingerprint=request_fingerprint(request),
+        result=result,
+        metadata=ExecutionMetadata.model_validate(execution),
+        round_trip_ms=21.0,
+        outcome_doc={"event_type": "run.completed.x", "result": result, "execution": execution,
+                     "run_id": "tpl", "request_id": "tpl", "event_id": "tpl"},
+        outcome_key=f"run.completed.{request.request_type}",
+        embedding_doc={"event_type": "embedding.requested", "run_id": "tpl"},
+    )
+
+
+def test_fixtures_reach_the_ceilings_processes_intact() -> None:
+    request = parse_request(generate_requests(4, seed=4, id_prefix="tpl")[1])
+    fixture = _fixture(request)
+    again = Fixture.from_json(orjson.loads(orjson.dumps(fixture.to_json())))
+    assert again == fixture
+
+
+def test_both_ceilings_build_the_same_rows() -> None:
+    templates = [parse_request(d) for d in generate_requests(4, seed=4, id_prefix="tpl")]
+    fixtures = [_fixture(t) for t in templates]
+    # The DB ceiling: the template's recorded answer. The fair ceiling: the answer it got.
+    recorded = [db_ceiling.recorded(fixtures, f"db-{i:07d}") for i in range(6)]
+    answered = [
+        db_ceiling.Written(
+            f"fair-{i:07d}", fixtures[i % 4], _wire(templates[i % 4]), fixtures[i % 4].result,
+            fixtures[i % 4].execution, 20.0,
+        )
+        for i in range(6)
+    ]
+    for batch in (recorded, answered):
+        runs, metrics, outbox = db_ceiling.columns(batch)
+        assert [len(c) for c in runs] == [6] * 11
+        assert [len(c) for c in metrics] == [6] * 9
+        assert [len(c) for c in outbox] == [12] * 4
+        assert runs[0] == metrics[0]  # each metrics row belongs to its run
+        assert runs[1] == [w.request_id for w in batch]
+        for i, w in enumerate(batch):
+            outcome = orjson.loads(outbox[3][2 * i])
+            embedding = orjson.loads(outbox[3][2 * i + 1])
+            assert outbox[2][2 * i] == w.fixture.outcome_key
+            assert outbox[2][2 * i + 1] == "embedding.requested"
+            assert outcome["request_id"] == embedding["request_id"] == w.request_id
+            assert outcome["run_id"] == embedding["run_id"] == str(runs[0][i])
+            assert outcome["event_id"] == str(outbox[0][2 * i])
+            assert outcome["result"] == w.result and outcome["execution"] == w.execution
+            assert uuid.UUID(embedding["event_id"]) == outbox[0][2 * i + 1]
+
+
+def _curve(name: str, maximum: float, p99s: list[float]) -> Curve:
+    curve = Curve(name, name.title(), maximum, "test", 15.0)
+    for share, p99 in zip((0.1, 0.25, 0.5, 0.75, 0.9), p99s, strict=True):
+        rate = share * maximum
+        samples = [p99 / 3] * 50 + [p99] * 2
+        curve.points.append(
+            CurvePoint(share, f"{share * 100:g} %",
+                       Latency.from_samples(rate, 52, samples, [1.0], rate), 2.0)
+        )
+    return curve
+
+
+def test_curves_are_tabled_and_plotted(tmp_path: Path) -> None:
+    curves = [_curve("eglo", 400, [40, 45, 60, 120, 400]),
+              _curve("baseline", 180, [50, 52, 70, 90, 300])]
+    curves[0].points.insert(
+        0, CurvePoint(0.225, "baseline's half load",
+                      Latency.from_samples(90, 10, [30.0] * 10, [1.0], 90), 2.0)
+    )
+    lines = format_curves(curves)
+    assert len([line for line in lines if line.startswith("| Eglo")]) == 6
+    assert any("baseline's half load (22 %)" in line for line in lines)
+    path = tmp_path / "curves.png"
+    plot(curves, path, "test")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
