@@ -13,6 +13,9 @@ unreachable, its schema missing or older than the code, a table gone, a privileg
 consumption through the database gate (runtime/gates.py) and the batch waits, unacked, until the
 database can take it, spending no delivery; any other failure (the embeddings API, say) requeues
 the batch after a pause, and the queue's delivery limit stops an endless loop.
+As in the worker, what becomes of a delivery is decided first (`_process` returns Decisions) and
+settled in one place (`_settle`); a dead-letter copy that cannot be published falls back to the
+queue's own dead-lettering.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from pydantic import TypeAdapter, ValidationError
 from contracts import wire
 from contracts.events import EMBEDDING_REQUESTED, EmbeddingRequested
 from contracts.topology import DETAIL_HEADER, REASON_HEADER
+from contracts.vocabulary import EmbedderDeadLetterReason
 from db.migrate import EMBEDDER_PRIVILEGES
 from producers.topology import (
     DELIVERY_LIMIT,
@@ -217,7 +221,28 @@ class _Unsettled(Exception):
     """A batch step failed in a way that a later delivery may not: requeue what is left."""
 
 
-async def _settle(operation: Awaitable[None], how: str) -> None:
+# What becomes of one delivery, decided by `_process` and settled by `_settle` alone, as the
+# worker's pipeline decides and its consumer settles.
+@dataclass(frozen=True, slots=True)
+class Embedded:
+    outcome: str  # stored | duplicate: ack
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    reason: EmbedderDeadLetterReason
+    detail: str  # dead-lettered with the reason, then acked
+
+
+@dataclass(frozen=True, slots=True)
+class Later:
+    outcome: str  # requeued after the retry delay
+
+
+Decision = Embedded | Rejected | Later
+
+
+async def _quietly(operation: Awaitable[None], how: str) -> None:
     """A settle that fails on a closed channel needs no retry (the broker redelivers), but it is
     said, with the error, rather than swallowed."""
     try:
@@ -386,14 +411,14 @@ class EmbedderService:
         if self._take(message):
             em.messages.labels(outcome=outcome).inc()
             # A closed channel means the broker redelivers it; the write is idempotent.
-            await _settle(message.ack(), "ack")
+            await _quietly(message.ack(), "ack")
 
     async def _requeue(
         self, message: AbstractIncomingMessage, em: EmbedderMetrics, outcome: str
     ) -> None:
         if self._take(message):
             em.messages.labels(outcome=outcome).inc()
-            await _settle(message.nack(requeue=True), "requeue")
+            await _quietly(message.nack(requeue=True), "requeue")
 
     def _requeue_later(
         self, message: AbstractIncomingMessage, em: EmbedderMetrics, outcome: str
@@ -418,8 +443,6 @@ class EmbedderService:
         detail: str,
     ) -> None:
         """Publish a copy with the reason to the DLQ, confirmed, then ack the original."""
-        if id(message) not in self._open_messages:
-            return
         headers: dict[str, Any] = dict(message.headers or {})
         headers[REASON_HEADER] = reason
         headers[DETAIL_HEADER] = detail[:1000]
@@ -461,8 +484,7 @@ class EmbedderService:
         once the gate reopens. Any other failure requeues it after a pause."""
         while True:
             try:
-                await self._process(batch, pool, channel, embedder, em)
-                return
+                decisions = await self._process(batch, pool, embedder, em)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -487,10 +509,35 @@ class EmbedderService:
                     error=repr(exc)[:300],
                     exc_info=not isinstance(exc, _Unsettled),
                 )
-                for message in batch:
-                    if id(message) in self._open_messages:
-                        self._requeue_later(message, em, "requeued")
-                return
+                decisions = [(message, Later("requeued")) for message in batch]
+            for message, decision in decisions:
+                await self._settle(message, decision, channel, em)
+            return
+
+    async def _settle(
+        self,
+        message: AbstractIncomingMessage,
+        decision: Decision,
+        channel: AbstractChannel,
+        em: EmbedderMetrics,
+    ) -> None:
+        """The one place a delivery is acked, dead-lettered or requeued (each exactly once)."""
+        if id(message) not in self._open_messages:
+            return
+        if isinstance(decision, Embedded):
+            await self._ack(message, em, decision.outcome)
+        elif isinstance(decision, Later):
+            self._requeue_later(message, em, decision.outcome)
+        else:
+            try:
+                await self._dead_letter(message, channel, em, decision.reason, decision.detail)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the queue's own DLX takes the original
+                log.error("embedding.copy_failed", reason=decision.reason, error=repr(exc)[:300])
+                if self._take(message):
+                    em.messages.labels(outcome="dead_lettered").inc()
+                    await _quietly(message.reject(requeue=False), "reject")
 
     async def _wait_open(self, gate: DatabaseGate) -> bool:
         """Until the gate opens (True) or the service stops (False)."""
@@ -507,47 +554,45 @@ class EmbedderService:
         self,
         batch: list[AbstractIncomingMessage],
         pool: asyncpg.Pool,
-        channel: AbstractChannel,
         embedder: Embedder,
         em: EmbedderMetrics,
-    ) -> None:
+    ) -> list[tuple[AbstractIncomingMessage, Decision]]:
+        """What becomes of each delivery of the batch, once its vectors are committed."""
+        decided: list[tuple[AbstractIncomingMessage, Decision]] = []
         by_run: dict[uuid.UUID, list[AbstractIncomingMessage]] = {}
         for message in batch:
             try:
                 event = wire.validate(_EVENT, wire.loads(message.body))
             except orjson.JSONDecodeError as exc:
-                await self._dead_letter(message, channel, em, "invalid_json", str(exc))
+                decided.append((message, Rejected("invalid_json", str(exc))))
                 continue
             except ValidationError as exc:
-                await self._dead_letter(message, channel, em, "invalid_event", str(exc))
+                decided.append((message, Rejected("invalid_event", str(exc))))
                 continue
             by_run.setdefault(event.run_id, []).append(message)
         if not by_run:
-            return
+            return decided
 
         rows = {row["id"]: row for row in await pool.fetch(_LOAD, list(by_run), embedder.name)}
         todo: list[uuid.UUID] = []
         for run_id, messages in by_run.items():
             row = rows.get(run_id)
             if row is None:
-                for message in messages:
-                    await self._run_not_found(message, run_id, channel, em)
+                decided += [(m, self._run_not_found(m, run_id)) for m in messages]
             elif row["embedded"]:
-                for message in messages:
-                    await self._ack(message, em, "duplicate")
+                decided += [(m, Embedded("duplicate")) for m in messages]
             else:
                 todo.append(run_id)
         if not todo:
-            return
+            return decided
 
         vectors, rejected = await self._embed(
             embedder, todo, [rows[r]["input_payload"] for r in todo], em
         )
         for run_id, detail in rejected.items():
-            for message in by_run[run_id]:
-                await self._dead_letter(message, channel, em, "unembeddable", detail)
+            decided += [(m, Rejected("unembeddable", detail)) for m in by_run[run_id]]
         if not vectors:
-            return
+            return decided
 
         started = time.perf_counter()
         async with pool.acquire() as conn, conn.transaction():
@@ -566,8 +611,9 @@ class EmbedderService:
         for run_id in vectors:
             outcome = "stored" if run_id in inserted else "duplicate"
             for message in by_run[run_id]:
-                await self._ack(message, em, outcome)
+                decided.append((message, Embedded(outcome)))
                 outcome = "duplicate"
+        return decided
 
     async def _embed(
         self,
@@ -598,26 +644,14 @@ class EmbedderService:
             raise _Unsettled(f"{embedder.name} returned vectors of the wrong count or size")
         return dict(zip(run_ids, vectors, strict=True)), {}
 
-    async def _run_not_found(
-        self,
-        message: AbstractIncomingMessage,
-        run_id: uuid.UUID,
-        channel: AbstractChannel,
-        em: EmbedderMetrics,
-    ) -> None:
+    def _run_not_found(self, message: AbstractIncomingMessage, run_id: uuid.UUID) -> Decision:
         # The event may overtake the run's commit on a replica or a restored database: wait a bit.
         previous = (message.headers or {}).get(DELIVERY_COUNT_HEADER)
         deliveries = (previous if isinstance(previous, int) else 0) + 1
         if deliveries >= self.config.max_attempts:
-            await self._dead_letter(
-                message,
-                channel,
-                em,
-                "run_not_found",
-                f"run {run_id} not found after {deliveries} deliveries",
-            )
-        else:
-            self._requeue_later(message, em, "run_not_found_retry")
+            detail = f"run {run_id} not found after {deliveries} deliveries"
+            return Rejected("run_not_found", detail)
+        return Later("run_not_found_retry")
 
 
 async def run_embedder(settings: Settings, *, burst: bool = False) -> int:
