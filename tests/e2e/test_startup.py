@@ -236,7 +236,7 @@ def test_library_log_lines_are_eglo_json_lines() -> None:
     level and logger, secrets scrubbed, beside eglo's own events."""
     code = (
         "import logging, structlog\n"
-        "from worker import logs\n"
+        "from worker.observability import logs\n"
         "logs.configure('INFO', json=True, secrets=('hunter2',))\n"
         "logging.getLogger('aio_pika.robust_connection').warning("
         "'Connection attempt to \"%s\" failed: %s. Reconnecting after %r seconds.', "
