@@ -14,11 +14,12 @@ from typing import Any
 import aio_pika
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractExchange
+from aiormq.exceptions import ChannelClosed, ChannelInvalidStateError, DeliveryError, PublishError
 from opentelemetry import propagate
 
 from contracts.requests import AnyRequest
 from contracts.topology import PUBLISHED_AT_HEADER
-from worker import tls, topology, tracing
+from worker import broker, tls, topology, tracing
 
 
 @dataclass
@@ -28,11 +29,29 @@ class PublishReport:
 
 
 class Publisher:
-    """Publishes requests to `eglo.requests`, persistent and mandatory, awaiting each confirm."""
+    """Publishes requests to `eglo.requests`, persistent and mandatory, awaiting each confirm.
 
-    def __init__(self, channel: AbstractChannel, exchange: AbstractExchange) -> None:
+    At least once: a publish the broker did not confirm (the connection or channel was lost, the
+    broker nacked it, or no confirm came within `confirm_timeout_s`) is sent again on a live
+    channel, until it is confirmed or `resend_within_s` have passed (then the last error is
+    raised). After a nack or a missing confirm the channel itself is renewed (see
+    worker/broker.py renew_channel). The worker stores a request_id once, so a request sent twice
+    runs once.
+    """
+
+    def __init__(
+        self,
+        channel: AbstractChannel,
+        exchange: AbstractExchange,
+        *,
+        confirm_timeout_s: float = 15.0,
+        resend_within_s: float = 60.0,
+    ) -> None:
         self._channel = channel
         self._exchange = exchange
+        self.confirm_timeout_s = confirm_timeout_s
+        self.resend_within_s = resend_within_s
+        self.resent = 0  # publishes sent again after a failure
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -86,7 +105,35 @@ class Publisher:
                 headers=headers or None,
                 **properties,
             )
-            await self._exchange.publish(message, routing_key=routing_key, mandatory=True)
+            await self._publish_confirmed(message, routing_key)
+
+    async def _publish_confirmed(self, message: aio_pika.Message, routing_key: str) -> None:
+        deadline = time.monotonic() + self.resend_within_s
+        while True:
+            failed = None
+            try:
+                failed = await self._channel.get_underlay_channel()
+                await self._exchange.publish(
+                    message, routing_key=routing_key, mandatory=True, timeout=self.confirm_timeout_s
+                )
+                return
+            except Exception as exc:
+                nacked = isinstance(exc, DeliveryError) and not isinstance(exc, PublishError)
+                lost = isinstance(exc, ConnectionError | ChannelInvalidStateError) or (
+                    type(exc) is ChannelClosed  # not a refusal (NOT_FOUND, ACCESS_REFUSED, ...)
+                )
+                left = deadline - time.monotonic()
+                if not (nacked or lost or isinstance(exc, TimeoutError)) or left <= 0:
+                    raise
+            self.resent += 1
+            if not lost:
+                await broker.renew_channel(self._channel, failed, wait_s=left)
+            else:
+                ready = getattr(self._channel, "ready", None)  # a robust channel: reconnected
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(min(left, 5.0)):
+                        await (ready() if ready is not None else asyncio.sleep(1.0))
+            await asyncio.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
 
     async def publish_many(
         self,

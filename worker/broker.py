@@ -18,6 +18,7 @@ forever, and the pause between rounds (once every node refused) is jittered, and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections.abc import Sequence
 from typing import Any
@@ -164,3 +165,32 @@ class FailoverConnection(RobustConnection):
             retry_in_s=round(self._delay_s, 2),
             error=repr(exc)[:200],
         )
+
+
+class ChannelRenewed(Exception):
+    """Why a channel was closed by `renew_channel` (its robust channel opens a new one)."""
+
+
+async def renew_channel(channel: Any, failed: Any = None, *, wait_s: float = 10.0) -> bool:
+    """Replace `channel`'s channel on the broker with a new one; True if it did.
+
+    After a node is lost, RabbitMQ (3.10.8 here) can leave a channel opened on a surviving node
+    nacking every publish to a quorum queue for as long as it lives, while a new channel on the
+    same connection publishes fine (measured: tests/test_cluster.py, issue 13). aio-pika restores
+    a channel only when it is closed, so a publisher that only retries keeps retrying on the
+    broken one. Closing the channel underneath makes the robust channel open a new one; this
+    waits until it has (at most `wait_s`). `failed` is the underlying channel a publish failed
+    on: if it has been replaced already (many publishes fail at once), nothing is done. A
+    channel that is not robust would stay closed, so it is left alone.
+    """
+    if not hasattr(channel, "reopen_callbacks"):  # not an aio-pika RobustChannel
+        return False
+    current = await channel.get_underlay_channel()
+    if (failed is not None and current is not failed) or current.is_closed:
+        return False
+    log.warning("broker.channel.renewed", channel=current.number)
+    await current.close(ChannelRenewed("publishes nacked or unconfirmed: a new channel"))
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(wait_s):
+            await channel.ready()
+    return True
