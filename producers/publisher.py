@@ -119,9 +119,9 @@ class Publisher:
                 return
             except Exception as exc:
                 nacked = isinstance(exc, DeliveryError) and not isinstance(exc, PublishError)
-                lost = isinstance(exc, ConnectionError | ChannelInvalidStateError) or (
-                    type(exc) is ChannelClosed  # not a refusal (NOT_FOUND, ACCESS_REFUSED, ...)
-                )
+                lost = isinstance(
+                    exc, ConnectionError | ChannelInvalidStateError | broker.ChannelRenewed
+                ) or (type(exc) is ChannelClosed)  # not a refusal (NOT_FOUND, ACCESS_REFUSED...)
                 left = deadline - time.monotonic()
                 if not (nacked or lost or isinstance(exc, TimeoutError)) or left <= 0:
                     raise
