@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
@@ -109,6 +110,7 @@ class Publisher:
 
     async def _publish_confirmed(self, message: aio_pika.Message, routing_key: str) -> None:
         deadline = time.monotonic() + self.resend_within_s
+        attempt = 0
         while True:
             failed = None
             try:
@@ -126,14 +128,14 @@ class Publisher:
                 if not (nacked or lost or isinstance(exc, TimeoutError)) or left <= 0:
                     raise
             self.resent += 1
+            attempt += 1
             if not lost:
                 await broker.renew_channel(self._channel, failed, wait_s=left)
-            else:
-                ready = getattr(self._channel, "ready", None)  # a robust channel: reconnected
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(min(left, 5.0)):
-                        await (ready() if ready is not None else asyncio.sleep(1.0))
-            await asyncio.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+            elif not await broker.channel_ready(self._channel, wait_s=min(left, 5.0)):
+                await asyncio.sleep(min(1.0, left))  # not robust, or still reconnecting
+            # Spread the resends: right after a loss the broker may refuse for a moment.
+            pause = min(0.05 * 2**attempt, 2.0, max(0.0, deadline - time.monotonic()))
+            await asyncio.sleep(random.uniform(pause / 2, pause))
 
     async def publish_many(
         self,
