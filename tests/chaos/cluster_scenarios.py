@@ -18,8 +18,9 @@ DUPLICATE_EVENTS_MAX = 0.05
 
 async def kill_worker_node(run: ChaosRun) -> None:
     """kill -9 of the node the worker is connected to."""
-    await run.until_stored(0.3)
+    # Found first: behind HAProxy it is asked of the broker, which takes seconds.
     node = await asyncio.to_thread(run.cluster.node_of, "eglo-worker", run.worker_node())
+    await run.until_stored(0.3)
     at = await run.stored()
     mark = run.mark()
     run.cluster.kill(node)
@@ -41,9 +42,9 @@ async def find_leader(run: ChaosRun) -> None:
 async def stop_quorum_leader(run: ChaosRun) -> None:
     """A graceful stop (rabbitmqctl stop) of the node leading eglo.requests."""
     node = run.target
+    hit = node == await asyncio.to_thread(run.cluster.node_of, "eglo-worker", run.worker_node())
     await run.until_stored(0.3)
     at = await run.stored()
-    hit = node == await asyncio.to_thread(run.cluster.node_of, "eglo-worker", run.worker_node())
     mark = run.mark()
     stopping = asyncio.create_task(asyncio.to_thread(run.cluster.stop, node))
     while node.process.poll() is None and not stopping.done():  # noqa: ASYNC110 - a process
