@@ -165,8 +165,10 @@ class OutboxRelay:
             await conn.execute(_MARK, [r["id"] for r in published])
         if any(_not_taken(f) for f in failures) and not channel.is_closed:
             # Nacked or never confirmed on a live channel: after a node loss RabbitMQ can nack
-            # everything on that channel for good, so the next attempt goes on a new one.
-            await broker.renew_channel(self._channel, channel)
+            # everything on that channel for good, so the next attempt goes on a new one. Not
+            # more often than every 5 s: the channel is shared (a full subscriber queue nacks
+            # for longer, and a new channel would not change that).
+            await broker.renew_channel(self._channel, channel, min_interval_s=5.0)
         for row in published:
             self._metrics.events_published.labels(event_type=_event_type(row)).inc()
         return len(rows), len(published)
