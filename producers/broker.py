@@ -18,7 +18,9 @@ forever, and the pause between rounds (once every node refused) is jittered, and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
+import time
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -198,3 +200,67 @@ async def connect_broker(
             last = exc
     assert last is not None
     raise last
+class ChannelRenewed(Exception):
+    """Why a channel was closed by `renew_channel` (its robust channel opens a new one)."""
+
+
+async def renew_channel(
+    channel: Any, failed: Any = None, *, wait_s: float = 10.0, min_interval_s: float = 1.0
+) -> bool:
+    """Replace `channel`'s channel on the broker with a new one; True if it did.
+
+    After a node is lost, RabbitMQ (3.10.8 here) can leave a channel opened on a surviving node
+    nacking every publish to a quorum queue for as long as it lives, while a new channel on the
+    same connection publishes fine (measured: chaos/test_cluster.py, issue 13). aio-pika restores
+    a channel only when it is closed, so a publisher that only retries keeps retrying on the
+    broken one. Closing the channel underneath makes the robust channel open a new one; this
+    waits until it has (at most `wait_s`, see `channel_ready`). `failed` is the underlying
+    channel a publish failed on: if it has been replaced already (many publishes fail at once),
+    or the channel was renewed less than `min_interval_s` ago, nothing is done. A channel that
+    is not robust would stay closed, so it is left alone.
+    """
+    if not hasattr(channel, "reopen_callbacks"):  # not an aio-pika RobustChannel
+        return False
+    current = await channel.get_underlay_channel()
+    last = getattr(channel, "_eglo_renewed_at", 0.0)
+    now = time.monotonic()
+    if (failed is not None and current is not failed) or current.is_closed:
+        return False
+    if now - last < min_interval_s:
+        await channel_ready(channel, wait_s=min(wait_s, min_interval_s))
+        return False
+    channel._eglo_renewed_at = now
+    log.warning("broker.channel.renewed", channel=current.number)
+    with contextlib.suppress(Exception):
+        await current.close(ChannelRenewed("publishes nacked or unconfirmed: a new channel"))
+    await channel_ready(channel, wait_s=wait_s)
+    return True
+
+
+async def channel_ready(channel: Any, *, wait_s: float) -> bool:
+    """Wait up to `wait_s` for a robust channel to be usable again; True if it is.
+
+    aio-pika reopens a closed channel from the channel's close callback, once; if that attempt
+    fails (the connection was failing over at that moment: its restore raises and is only
+    logged), the channel stays closed until the connection itself is lost again. So while the
+    connection is up and the channel is not, the restore is asked for again, once a second.
+    """
+    ready = getattr(channel, "ready", None)
+    if ready is None:  # not robust: nothing brings it back
+        return not channel.is_closed
+    deadline = time.monotonic() + wait_s
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        try:
+            async with asyncio.timeout(min(left, 1.0)):
+                await ready()
+            return True
+        except TimeoutError:
+            pass
+        connection = getattr(channel, "_connection", None)
+        if connection is not None and connection.connected.is_set():
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(max(0.1, deadline - time.monotonic())):
+                    await channel.restore()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
@@ -14,12 +15,12 @@ from typing import Any
 import aio_pika
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractExchange
+from aiormq.exceptions import ChannelClosed, ChannelInvalidStateError, DeliveryError, PublishError
 from opentelemetry import propagate, trace
 
 from contracts.requests import AnyRequest
 from contracts.topology import PUBLISHED_AT_HEADER
-from producers import topology
-from producers.broker import connect_broker
+from producers import broker, topology
 
 # Straight through OpenTelemetry's API: a producer application installs its own provider (or none).
 _tracer = trace.get_tracer("eglo")
@@ -32,16 +33,34 @@ class PublishReport:
 
 
 class Publisher:
-    """Publishes requests to `eglo.requests`, persistent and mandatory, awaiting each confirm."""
+    """Publishes requests to `eglo.requests`, persistent and mandatory, awaiting each confirm.
 
-    def __init__(self, channel: AbstractChannel, exchange: AbstractExchange) -> None:
+    At least once: a publish the broker did not confirm (the connection or channel was lost, the
+    broker nacked it, or no confirm came within `confirm_timeout_s`) is sent again on a live
+    channel, until it is confirmed or `resend_within_s` have passed (then the last error is
+    raised). After a nack or a missing confirm the channel itself is renewed (see
+    producers/broker.py renew_channel). The worker stores a request_id once, so a request sent twice
+    runs once.
+    """
+
+    def __init__(
+        self,
+        channel: AbstractChannel,
+        exchange: AbstractExchange,
+        *,
+        confirm_timeout_s: float = 15.0,
+        resend_within_s: float = 60.0,
+    ) -> None:
         self._channel = channel
         self._exchange = exchange
+        self.confirm_timeout_s = confirm_timeout_s
+        self.resend_within_s = resend_within_s
+        self.resent = 0  # publishes sent again after a failure
 
     @classmethod
     @contextlib.asynccontextmanager
     async def connect(cls, amqp_url: str) -> AsyncIterator[Publisher]:
-        connection = await connect_broker(amqp_url, name="eglo-publisher")
+        connection = await broker.connect_broker(amqp_url, name="eglo-publisher")
         async with connection:
             channel = await connection.channel(publisher_confirms=True)
             topo = await topology.declare(channel)
@@ -90,7 +109,36 @@ class Publisher:
                 headers=headers or None,
                 **properties,
             )
-            await self._exchange.publish(message, routing_key=routing_key, mandatory=True)
+            await self._publish_confirmed(message, routing_key)
+
+    async def _publish_confirmed(self, message: aio_pika.Message, routing_key: str) -> None:
+        deadline = time.monotonic() + self.resend_within_s
+        attempt = 0
+        while True:
+            failed = None
+            try:
+                failed = await self._channel.get_underlay_channel()
+                await self._exchange.publish(
+                    message, routing_key=routing_key, mandatory=True, timeout=self.confirm_timeout_s
+                )
+                return
+            except Exception as exc:
+                nacked = isinstance(exc, DeliveryError) and not isinstance(exc, PublishError)
+                lost = isinstance(
+                    exc, ConnectionError | ChannelInvalidStateError | broker.ChannelRenewed
+                ) or (type(exc) is ChannelClosed)  # not a refusal (NOT_FOUND, ACCESS_REFUSED...)
+                left = deadline - time.monotonic()
+                if not (nacked or lost or isinstance(exc, TimeoutError)) or left <= 0:
+                    raise
+            self.resent += 1
+            attempt += 1
+            if not lost:
+                await broker.renew_channel(self._channel, failed, wait_s=left)
+            elif not await broker.channel_ready(self._channel, wait_s=min(left, 5.0)):
+                await asyncio.sleep(min(1.0, left))  # not robust, or still reconnecting
+            # Spread the resends: right after a loss the broker may refuse for a moment.
+            pause = min(0.05 * 2**attempt, 2.0, max(0.0, deadline - time.monotonic()))
+            await asyncio.sleep(random.uniform(pause / 2, pause))
 
     async def publish_many(
         self,

@@ -1,7 +1,9 @@
 """`python -m tests.chaos [--short] [--cluster] [--only NAME]`: run the scenarios, print the table.
 
 `--cluster`: the scenarios of issue 13 instead: a Postgres primary lost and its standby promoted
-(tests/support/pg_pair.py), then the RabbitMQ cluster scenarios on 3 nodes of the suite's own.
+(support/pg_pair.py), then the RabbitMQ cluster scenarios on 3 nodes of the suite's own: a node
+lost under the worker, the quorum leader stopped, a node lost while `eglo publish` is mid-batch, a
+rolling restart of the 3 nodes, and the first two again with HAProxy in front of the nodes.
 """
 
 from __future__ import annotations

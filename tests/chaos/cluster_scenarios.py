@@ -18,8 +18,9 @@ DUPLICATE_EVENTS_MAX = 0.05
 
 async def kill_worker_node(run: ChaosRun) -> None:
     """kill -9 of the node the worker is connected to."""
+    # Found first: behind HAProxy it is asked of the broker, which takes seconds.
+    node = await asyncio.to_thread(run.cluster.node_of, "eglo-worker", run.worker_node())
     await run.until_stored(0.3)
-    node = run.cluster.node_at(run.worker_node())
     at = await run.stored()
     mark = run.mark()
     run.cluster.kill(node)
@@ -41,9 +42,9 @@ async def find_leader(run: ChaosRun) -> None:
 async def stop_quorum_leader(run: ChaosRun) -> None:
     """A graceful stop (rabbitmqctl stop) of the node leading eglo.requests."""
     node = run.target
+    hit = node == await asyncio.to_thread(run.cluster.node_of, "eglo-worker", run.worker_node())
     await run.until_stored(0.3)
     at = await run.stored()
-    hit = run.worker_node() == node.address
     mark = run.mark()
     stopping = asyncio.create_task(asyncio.to_thread(run.cluster.stop, node))
     while node.process.poll() is None and not stopping.done():  # noqa: ASYNC110 - a process
@@ -54,11 +55,47 @@ async def stop_quorum_leader(run: ChaosRun) -> None:
     run.notes.append(f"stop of {node.name} (leader of {REQUESTS_QUEUE}, {where}) at {at} stored")
 
 
-def cluster_scenarios(requests: int) -> list[Scenario]:
+async def kill_publisher_node(run: ChaosRun) -> None:
+    """kill -9 of the node `eglo publish`'s connection is on, with the batch a third confirmed:
+    the publishes in flight then are lost with the node and the Publisher sends them again."""
+    third = run.scenario.requests // 3
+    waited = time.monotonic()
+    while run.publisher is None or run.confirmed < third:
+        if time.monotonic() - waited > 60:
+            run.notes.append(f"FAIL only {run.confirmed} confirmed in 60 s, no fault made")
+            return
+        await asyncio.sleep(0.005)
+    node = await asyncio.to_thread(run.cluster.node_of, "eglo-publisher", run.publisher_node())
+    hit = node == await asyncio.to_thread(run.cluster.node_of, "eglo-worker", run.worker_node())
+    mark = run.mark()
+    run.cluster.kill(node)
+    where = ", also the worker's" if hit else ""
+    run.notes.append(f"kill -9 of {node.name} (the publisher's node{where}) at {run.confirmed} "
+                     f"of {run.scenario.requests} confirmed")
+    await run.until_recovered(mark, reconnect=hit, within_s=45)
+
+
+async def rolling_restart(run: ChaosRun) -> None:
+    """Each node stopped (rabbitmqctl stop) and started again, one after the other, each once
+    the quorum queues have their members back on every node (as the operator's rolling restart
+    waits); the worker and the publisher fail over each time their node goes."""
+    await run.until_stored(0.2)
+    started = time.monotonic()
+    for node in list(run.cluster.nodes):
+        at = await run.stored()
+        await asyncio.to_thread(run.cluster.stop, node)
+        await asyncio.to_thread(run.cluster.start_node, node)
+        await replicated(run)
+        run.notes.append(f"{node.name} stopped and started again at {at} stored")
+    run.notes.append(f"rolling restart of the 3 nodes took {time.monotonic() - started:.0f} s")
+
+
+def cluster_scenarios(requests: int, *, full: bool = True) -> list[Scenario]:
+    """The scenarios on 3 nodes; `full=False`: the quick ones, for `make test`."""
     env = {"EGLO_RETRY_DELAYS_S": "[1, 3, 5]"}
     # Paced, so the fault lands with work still to do and the recovery shows in the stored count.
     rate = 40.0
-    return [
+    quick = [
         Scenario(
             "cluster-kill-worker-node",
             requests,
@@ -76,6 +113,51 @@ def cluster_scenarios(requests: int) -> list[Scenario]:
             prepare=find_leader,
             publish_rate=rate,
             deadline_s=60,
+        ),
+        Scenario(
+            "cluster-kill-publisher-node-mid-batch",
+            requests,
+            kill_publisher_node,
+            worker_env=env,
+            prepare=replicated,
+            publish_rate=rate * 2.5,
+            batch_publish=True,
+            deadline_s=60,
+        ),
+    ]
+    if not full:
+        return quick
+    return [
+        *quick,
+        Scenario(
+            "cluster-rolling-restart",
+            requests,
+            rolling_restart,
+            worker_env=env,
+            prepare=replicated,
+            # Slower, so that the 3 restarts (about a minute) happen while requests still come.
+            publish_rate=rate / 2 if requests > 500 else rate / 4,
+            deadline_s=90,
+        ),
+        Scenario(
+            "cluster-kill-worker-node-haproxy",
+            requests,
+            kill_worker_node,
+            worker_env=env,
+            prepare=replicated,
+            publish_rate=rate,
+            deadline_s=60,
+            haproxy=True,
+        ),
+        Scenario(
+            "cluster-stop-quorum-leader-haproxy",
+            requests,
+            stop_quorum_leader,
+            worker_env=env,
+            prepare=find_leader,
+            publish_rate=rate,
+            deadline_s=60,
+            haproxy=True,
         ),
     ]
 

@@ -42,6 +42,10 @@ class Scenario:
     # Runs once the topology is declared, before the worker starts (e.g. find a queue's leader).
     prepare: Callable[[ChaosRun], Awaitable[None]] | None = None
     publish_rate: float | None = None  # requests per second; None: as fast as confirms come
+    # Published as `eglo publish` does (Publisher.publish_many, which resends on its own) instead
+    # of one publish at a time retried by the runner; valid requests only.
+    batch_publish: bool = False
+    haproxy: bool = False  # cluster scenarios: the clients reach the nodes through HAProxy
 
 
 @dataclass
@@ -98,6 +102,7 @@ class ChaosRun:
         self.notes: list[str] = []
         self.qnn_port = free_port()
         self.pool: asyncpg.Pool | None = None
+        self.publisher: Publisher | None = None  # the scenario's, once connected
         self._spawned = 0
 
     @property
@@ -128,6 +133,11 @@ class ChaosRun:
         if node is None:
             raise RuntimeError("no broker.connected line in the worker's log")
         return str(node)
+
+    def publisher_node(self) -> str:
+        """host:port the scenario's Publisher is connected to (HAProxy's, behind HAProxy)."""
+        assert self.publisher is not None
+        return str(self.publisher._channel._connection.node)  # type: ignore[attr-defined]
 
     def _restores(self) -> int:
         text = self.log_path(f"worker-{self._spawned}").read_text()
@@ -225,35 +235,61 @@ async def _publish(
     sends += [("poison", d) for d in poison] + [("dup", d) for d in duplicates]
     rng.shuffle(sends)
     async with Publisher.connect(run.amqp_url) as publisher:
-        # Steady, not all at once, so faults land while work is flowing; confirms are awaited,
-        # and a publish the broker did not confirm (it was restarting) is sent again.
-        window = asyncio.Semaphore(128)
-        rate = run.scenario.publish_rate
-        started = time.monotonic()
+        run.publisher = publisher
+        try:
+            if run.scenario.batch_publish:
+                await _publish_batch(run, publisher, valid)
+            else:
+                await _publish_each(run, publisher, sends)
+        finally:
+            if publisher.resent:
+                run.notes.append(f"the publisher sent {publisher.resent} publishes again")
 
-        async def send(kind: str, doc: dict[str, Any], i: int) -> None:
-            if rate:
-                await asyncio.sleep(max(0.0, started + i / rate - time.monotonic()))
-            async with window:
-                for _ in range(60):
-                    try:
-                        if kind == "poison":
-                            body, ctype = _poison(doc, i)
-                            await publisher.publish_raw(
-                                body,
-                                "request.forecast",
-                                content_type=ctype,
-                                message_id=f"poison-{i}",
-                            )
-                        else:
-                            await publisher.publish(parse_request(doc))
-                        run.confirmed += 1
-                        return
-                    except Exception:  # noqa: BLE001 - broker restarting: try again
-                        await asyncio.sleep(1.0)
-                run.notes.append(f"FAIL could not publish {kind} {i}")
 
-        await asyncio.gather(*(send(k, d, i) for i, (k, d) in enumerate(sends)))
+async def _publish_batch(run: ChaosRun, publisher: Publisher, valid: list[dict[str, Any]]) -> None:
+    """As `eglo publish` does: one publish_many, which resends what was not confirmed."""
+
+    def done() -> None:
+        run.confirmed += 1
+
+    report = await publisher.publish_many(
+        [parse_request(d) for d in valid], rate=run.scenario.publish_rate, on_done=done
+    )
+    run.confirmed -= len(report.failed)
+    for request_id, error in report.failed[:10]:
+        run.notes.append(f"FAIL not confirmed: {request_id}: {error}")
+
+
+async def _publish_each(run: ChaosRun, publisher: Publisher, sends: list[tuple[str, Any]]) -> None:
+    # Steady, not all at once, so faults land while work is flowing; confirms are awaited,
+    # and a publish the broker did not confirm (it was restarting) is sent again.
+    window = asyncio.Semaphore(128)
+    rate = run.scenario.publish_rate
+    started = time.monotonic()
+
+    async def send(kind: str, doc: dict[str, Any], i: int) -> None:
+        if rate:
+            await asyncio.sleep(max(0.0, started + i / rate - time.monotonic()))
+        async with window:
+            for _ in range(3):  # the Publisher itself resends for up to 60 s each time
+                try:
+                    if kind == "poison":
+                        body, ctype = _poison(doc, i)
+                        await publisher.publish_raw(
+                            body,
+                            "request.forecast",
+                            content_type=ctype,
+                            message_id=f"poison-{i}",
+                        )
+                    else:
+                        await publisher.publish(parse_request(doc))
+                    run.confirmed += 1
+                    return
+                except Exception:  # noqa: BLE001 - broker restarting: try again
+                    await asyncio.sleep(1.0)
+            run.notes.append(f"FAIL could not publish {kind} {i}")
+
+    await asyncio.gather(*(send(k, d, i) for i, (k, d) in enumerate(sends)))
 
 
 async def _quiet(run: ChaosRun, valid_ids: set[str], poison: int) -> bool:
@@ -291,8 +327,15 @@ async def run_scenario(scenario: Scenario, db: ChaosDatabase, cluster: Any = Non
     rng = random.Random(scenario.name)
     poison = [rng.choice(valid) for _ in range(int(scenario.requests * scenario.poison_rate))]
     duplicates = rng.sample(valid, int(scenario.requests * scenario.duplicate_rate))
-    broker = infra.fresh_vhost() if cluster is None else contextlib.nullcontext(cluster.url)
-    with broker as amqp_url:
+    if cluster is not None and scenario.haproxy:
+        from tests.support.cluster import haproxy_front
+
+        broker: contextlib.AbstractContextManager[Any] = haproxy_front(cluster)
+    else:
+        broker = infra.fresh_vhost() if cluster is None else contextlib.nullcontext(cluster)
+    with broker as front:
+        amqp_url = front if isinstance(front, str) else front.url
+        cluster = cluster if isinstance(front, str) else front
         vhost = amqp_url.rsplit("/", 1)[1]
         run = ChaosRun(scenario, amqp_url, vhost, db, await db.fresh_database(), cluster)
         emulator = spawn(

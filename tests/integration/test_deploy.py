@@ -224,7 +224,8 @@ def _exposed_names(text: str) -> set[str]:
 @pytest.fixture(scope="module")
 def served_metrics() -> set[str]:
     """Names on /metrics of runtime/health, serving a worker's registry and the embedder's."""
-    from worker.embedder.service import EmbedderMetrics
+    from worker.embedder.service.service import EmbedderMetrics
+
     from worker.observability.metrics import Metrics
     from worker.runtime import health as http
 
@@ -318,7 +319,7 @@ def test_runbook_entries_say_how_to_confirm_and_act() -> None:
 
 
 def _known_setting(key: str) -> bool:
-    from worker.embedder.service import EmbedderConfig
+    from worker.embedder.service.service import EmbedderConfig
 
     fields = {f"EGLO_{name.upper()}" for name in Settings.model_fields}
     # The embedder reads Settings.embedder_<field> for each EmbedderConfig field.
@@ -552,8 +553,12 @@ def test_services_pdbs_and_monitors_select_the_pods(
         [target] = selected(service["spec"]["selector"])
         container_ports = {p["name"] for p in pods[target]["spec"]["containers"][0]["ports"]}
         assert {p["targetPort"] for p in service["spec"]["ports"]} <= container_ports
+    [rabbitmq] = by_kind(docs, "RabbitmqCluster")
     for pdb in by_kind(docs, "PodDisruptionBudget"):
-        assert len(selected(pdb["spec"]["selector"]["matchLabels"])) == 1
+        labels = pdb["spec"]["selector"]["matchLabels"]
+        if labels == _rabbitmq_pod_labels(rabbitmq):
+            continue  # the operator's pods: test_rabbitmq_cluster
+        assert len(selected(labels)) == 1
     services = by_kind(docs, "Service")
     [eglo_monitor, _rabbitmq_monitor] = k8s_docs["servicemonitor.yaml"]
     wanted = eglo_monitor["spec"]["selector"]["matchLabels"]
@@ -612,11 +617,54 @@ def test_keda_scales_the_worker_on_the_requests_queue(
     assert ref["name"] == secret["metadata"]["name"] and ref["key"] in secret["stringData"]
 
 
+def _rabbitmq_pod_labels(cluster: dict[str, Any]) -> dict[str, str]:
+    """The label the RabbitMQ Cluster Operator gives every pod of a RabbitmqCluster."""
+    return {"app.kubernetes.io/name": cluster["metadata"]["name"]}
+
+
 def test_rabbitmq_cluster(k8s_docs: dict[str, list[dict[str, Any]]]) -> None:
-    [cluster] = by_kind(kustomized(k8s_docs), "RabbitmqCluster")
+    docs = kustomized(k8s_docs)
+    [cluster] = by_kind(docs, "RabbitmqCluster")
     assert cluster["apiVersion"] == "rabbitmq.com/v1beta1"
     assert cluster["spec"]["replicas"] == 3
     assert "rabbitmq_prometheus" in cluster["spec"]["rabbitmq"]["additionalPlugins"]
+
+
+def test_rabbitmq_cluster_keeps_its_quorum(k8s_docs: dict[str, list[dict[str, Any]]]) -> None:
+    """What 3 replicas with quorum queues need beyond `replicas: 3` (issue 13): the operator
+    creates no PodDisruptionBudget, so one of ours lets a drain take at most one RabbitMQ pod;
+    the pods are spread over hosts; their data persists; and nothing shortens the operator's
+    termination grace, during which each pod's preStop hook waits until no quorum queue needs it."""
+    docs = kustomized(k8s_docs)
+    [cluster] = by_kind(docs, "RabbitmqCluster")
+    spec = cluster["spec"]
+    pods = _rabbitmq_pod_labels(cluster)
+    budgets = [
+        p for p in by_kind(docs, "PodDisruptionBudget")
+        if p["spec"]["selector"]["matchLabels"].items() <= pods.items()
+    ]
+    assert len(budgets) == 1, "one PodDisruptionBudget for the RabbitMQ pods"
+    [budget] = budgets
+    replicas = spec["replicas"]
+    majority = replicas // 2 + 1
+    allowed = budget["spec"].get("maxUnavailable")
+    if allowed is None:
+        allowed = replicas - budget["spec"]["minAvailable"]
+    assert 1 <= allowed <= replicas - majority, budget["spec"]
+    assert replicas % 2 == 1 and replicas >= 3, "an odd number of nodes, at least 3"
+    # Two pods on one host would lose the majority together.
+    anti = spec["affinity"]["podAntiAffinity"]
+    terms = [t.get("podAffinityTerm", t) for rules in anti.values() for t in rules]
+    assert any(
+        t["topologyKey"] == "kubernetes.io/hostname"
+        and pods.items() <= t["labelSelector"]["matchLabels"].items()
+        for t in terms
+    ), anti
+    assert spec["persistence"]["storage"], "a quorum queue's log must outlive its pod"
+    grace = spec.get("terminationGracePeriodSeconds")
+    assert grace is None or grace >= 3600, "the preStop quorum wait needs the operator's grace"
+    config = spec["rabbitmq"]["additionalConfig"]
+    assert "cluster_partition_handling = pause_minority" in config
 
 
 def test_deploy_commands_exist_in_the_cli(

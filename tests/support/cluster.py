@@ -176,6 +176,11 @@ class RabbitCluster:
     def node_at(self, address: str) -> Node:
         return next(n for n in self.nodes if n.address == address)
 
+    def node_of(self, connection_name: str, address: str) -> Node:
+        """The node of a client's connection: the address the client logged (behind HAProxy,
+        `Balanced.node_of` asks the broker instead)."""
+        return self.node_at(address)
+
     def running(self) -> list[Node]:
         return [n for n in self.nodes if n.process is not None and n.process.poll() is None]
 
@@ -260,3 +265,90 @@ def rabbit_cluster(size: int = 3) -> Iterator[RabbitCluster]:
         yield cluster
     finally:
         cluster.close()
+
+
+def _node_of_eval(connection_name: str) -> str:
+    """Erlang for `rabbitmqctl eval`: true if a connection named so is on the node asked."""
+    return (
+        "lists:any(fun(P) -> case rabbit_networking:connection_info(P, [client_properties]) of "
+        "[{client_properties, CP}] -> lists:keyfind(<<\"connection_name\">>, 1, CP) =:= "
+        f"{{<<\"connection_name\">>, longstr, <<\"{connection_name}\">>}}; _ -> false end end, "
+        "rabbit_networking:local_connections())."
+    )
+
+
+def connection_node(cluster: RabbitCluster, connection_name: str) -> Node:
+    """The node a client connection named `connection_name` is on, asked of the nodes."""
+    for node in cluster.running():
+        with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
+            if cluster.ctl(node, "eval", _node_of_eval(connection_name)).strip() == "true":
+                return node
+    raise RuntimeError(f"no node has a connection named {connection_name!r}")
+
+
+class Balanced:
+    """The cluster behind HAProxy (Debian's haproxy, a process of the tests' own on a free
+    loopback port): `url` is HAProxy's single address, round-robin over the nodes, each health-
+    checked every 0.5 s; everything else is the cluster's. A client then knows only HAProxy's
+    address, so the node of one of its connections is asked of the broker (`node_of`)."""
+
+    def __init__(self, cluster: RabbitCluster) -> None:
+        self.cluster = cluster
+        self.port = free_port()
+        self.config = cluster.dir / "haproxy.cfg"
+        servers = "\n".join(
+            f"  server n{i} {n.address} check inter 500 fall 1 rise 2 on-marked-down "
+            "shutdown-sessions"
+            for i, n in enumerate(cluster.nodes)
+        )
+        self.config.write_text(
+            "global\n  maxconn 2000\n"
+            "defaults\n  mode tcp\n  timeout connect 2s\n  timeout client 1h\n"
+            "  timeout server 1h\n"
+            f"frontend amqp\n  bind 127.0.0.1:{self.port}\n  default_backend nodes\n"
+            f"backend nodes\n  balance roundrobin\n{servers}\n"
+        )
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/"
+
+    def node_of(self, connection_name: str, address: str) -> Node:
+        return connection_node(self.cluster, connection_name)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.cluster, name)
+
+    def start(self) -> None:
+        binary = shutil.which("haproxy") or "/usr/sbin/haproxy"
+        if not os.path.exists(binary):
+            raise RuntimeError("no haproxy: apt-get install haproxy (see .ci/run)")
+        log = open(self.cluster.dir / "haproxy.log", "ab")  # noqa: SIM115 - for its life
+        self.process = subprocess.Popen(
+            [binary, "-db", "-f", str(self.config)], stdout=log, stderr=subprocess.STDOUT
+        )
+        deadline = time.monotonic() + 10
+        while not port_open("127.0.0.1", self.port):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"haproxy did not start: {self.cluster.dir / 'haproxy.log'}")
+            time.sleep(0.1)
+
+    def close(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+
+
+@contextlib.contextmanager
+def haproxy_front(cluster: RabbitCluster) -> Iterator[Balanced]:
+    balanced = Balanced(cluster)
+    try:
+        balanced.start()
+        yield balanced
+    finally:
+        balanced.close()

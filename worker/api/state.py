@@ -102,7 +102,8 @@ class ApiState:
                     settings=settings,
                     pool=pool,
                     connection=connection,
-                    publisher=Publisher(channel, topo.requests_exchange),
+                    # An HTTP caller waits: resend for a few seconds only, then 503 (send again).
+                    publisher=Publisher(channel, topo.requests_exchange, resend_within_s=5.0),
                     replies=replies,
                     qnn=qnn,
                 )

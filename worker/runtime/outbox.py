@@ -26,6 +26,7 @@ import orjson
 import structlog
 from aio_pika.abc import AbstractChannel
 
+from producers import broker
 from worker.observability import tracing
 from worker.observability.metrics import Metrics
 
@@ -163,6 +164,12 @@ class OutboxRelay:
                     error=repr(failures[0])[:300],
                 )
             await conn.execute(_MARK, [r["id"] for r in published])
+        if any(_not_taken(f) for f in failures) and not channel.is_closed:
+            # Nacked or never confirmed on a live channel: after a node loss RabbitMQ can nack
+            # everything on that channel for good, so the next attempt goes on a new one. Not
+            # more often than every 5 s: the channel is shared (a full subscriber queue nacks
+            # for longer, and a new channel would not change that).
+            await broker.renew_channel(self._channel, channel, min_interval_s=5.0)
         for row in published:
             self._metrics.events_published.labels(event_type=_event_type(row)).inc()
         return len(rows), len(published)
@@ -201,6 +208,11 @@ class OutboxRelay:
             )
             if _is_outcome(row):
                 self._metrics.stages["publish_confirm"].observe(time.perf_counter() - started)
+
+
+def _not_taken(exc: BaseException) -> bool:
+    """A nack, or a confirm that did not come in time (not a lost channel or connection)."""
+    return isinstance(exc, aiormq.exceptions.DeliveryError | TimeoutError)
 
 
 def _is_outcome(row: Any) -> bool:
