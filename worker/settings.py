@@ -177,6 +177,12 @@ class Settings(BaseSettings):
     qnn_concurrency_initial: int = Field(
         default=8, ge=1, description="Calls in flight at start; doubles per round trip until a 429."
     )
+    qnn_concurrency_min: int = Field(
+        default=8,
+        ge=1,
+        description="The adaptive limit never goes below this: 429s that come at random cannot "
+        "starve the worker (a quota below it per round trip is overshot, its 429s delay calls).",
+    )
     qnn_latency_tolerance: float = Field(
         default=0.0,
         ge=0,

@@ -92,6 +92,17 @@ def test_never_below_one_nor_above_the_ceiling() -> None:
     assert limit.limit == 1
 
 
+def test_random_429s_cannot_take_the_limit_below_its_floor() -> None:
+    """One 429 in ten, whatever the load: without a floor the limit settles near 2."""
+    floored = AdaptiveLimit(initial=8, ceiling=64, floor=8)
+    bare = AdaptiveLimit(initial=8, ceiling=64)
+    for i in range(2000):
+        for limit in (floored, bare):
+            limit.throttled() if i % 10 == 0 else limit.answered(0.02)
+    assert 8 <= floored.limit < 9
+    assert bare.limit < 4
+
+
 def test_latency_far_above_the_fastest_answer_counts_as_a_signal() -> None:
     limit = AdaptiveLimit(initial=10, ceiling=100, latency_tolerance=3.0)
     limit.answered(0.1)

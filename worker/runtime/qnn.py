@@ -122,6 +122,7 @@ class QnnClient:
             self._concurrency = AdaptiveLimit(
                 initial=settings.qnn_concurrency_initial,
                 ceiling=min(settings.prefetch, settings.qnn_max_connections),
+                floor=settings.qnn_concurrency_min,
                 latency_tolerance=settings.qnn_latency_tolerance,
                 on_change=metrics.qnn_concurrency_limit.set,
             )
