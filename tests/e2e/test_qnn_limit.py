@@ -126,8 +126,10 @@ def test_the_emulator_quota_is_a_token_bucket() -> None:
 async def test_the_worker_adapts_to_a_quota(
     amqp_url: str, database_url: str, pool: asyncpg.Pool
 ) -> None:
-    """Against a QNN allowing 40 calls/s at 100 ms each, with prefetch 64: every request
-    completes, the limit settles well below the prefetch, and few calls are answered 429."""
+    """Against a QNN allowing 40 calls/s at 100 ms each (4 calls per round trip, below the
+    default floor of 8, so the floor is lowered as an operator with such a quota would), with
+    prefetch 64: every request completes, the limit settles well below the prefetch, and few
+    calls are answered 429."""
     from qnn_emulator.server import running_emulator
     from qnn_emulator.settings import EmulatorSettings
 
@@ -136,7 +138,9 @@ async def test_the_worker_adapts_to_a_quota(
     )
     requests = generate_requests(160, seed=91, id_prefix="quota")
     async with running_emulator(quota) as qnn_url:
-        settings = make_settings(amqp_url, database_url, qnn_url, prefetch=64)
+        settings = make_settings(
+            amqp_url, database_url, qnn_url, prefetch=64, qnn_concurrency_min=1
+        )
         async with running_worker(settings) as worker, Publisher.connect(amqp_url) as publisher:
             await publisher.publish_many(parse_request(r) for r in requests)
             await wait_for(

@@ -224,8 +224,7 @@ def _exposed_names(text: str) -> set[str]:
 @pytest.fixture(scope="module")
 def served_metrics() -> set[str]:
     """Names on /metrics of runtime/health, serving a worker's registry and the embedder's."""
-    from worker.embedder.service.service import EmbedderMetrics
-
+    from worker.embedder.service import EmbedderMetrics
     from worker.observability.metrics import Metrics
     from worker.runtime import health as http
 
@@ -319,7 +318,7 @@ def test_runbook_entries_say_how_to_confirm_and_act() -> None:
 
 
 def _known_setting(key: str) -> bool:
-    from worker.embedder.service.service import EmbedderConfig
+    from worker.embedder.service import EmbedderConfig
 
     fields = {f"EGLO_{name.upper()}" for name in Settings.model_fields}
     # The embedder reads Settings.embedder_<field> for each EmbedderConfig field.
