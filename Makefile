@@ -56,8 +56,9 @@ chaos: install
 	$(BIN)/python -m tests.chaos | tee .eglo/chaos/table.md
 	$(BIN)/python -m tests.chaos --cluster | tee .eglo/chaos/cluster-table.md
 
-## bench: ceilings (AMQP, DB, fair), eglo, the FastStream baseline, latency curves, memory and
-## scale-out; writes docs/performance.md and docs/performance.png
+## bench: ceilings (AMQP, DB, fair), eglo, the FastStream baseline, latency curves, memory,
+## scale-out and the HTTP API (`eglo api`: submit rate, ?wait=5 latency); writes
+## docs/performance.md and docs/performance.png
 bench: install
 	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python -m benchmarks

@@ -9,7 +9,8 @@ docs/performance.md (issue 4).
 Phases (each in a fresh vhost and a fresh database): fixtures (real QNN answers per template),
 DB ceiling, eglo with one worker, the fair ceiling (eglo's whole pipeline written by hand),
 AMQP ceiling, FastStream baseline, eglo with two workers, latency curves of eglo and the
-baseline (`--curve-seconds` per point), memory with a large backlog. Logs of every child
+baseline (`--curve-seconds` per point), memory with a large backlog, and the HTTP API (`eglo
+api` + one worker: its submit rate, and `?wait=5` latency at a fixed load). Logs of every child
 process go to .eglo/bench/<stamp>/, and all figures to results.json there.
 """
 
@@ -35,14 +36,14 @@ from typing import Any, TypeVar
 import orjson
 import structlog
 
-from benchmarks import amqp_ceiling, curves, db_ceiling, e2e, fair_ceiling
+from benchmarks import amqp_ceiling, api_load, curves, db_ceiling, e2e, fair_ceiling
 from benchmarks.curves import Curve, CurvePoint
 from benchmarks.fixtures import build_fixtures
 from benchmarks.harness import LOG_ROOT, Bench, Drain, Latency, open_bench, wait_quiet
 from benchmarks.report import num, verdict, write_section
 from worker.observability.metrics import STAGES
 
-PHASES = ("db", "eglo", "fair", "amqp", "baseline", "scaleout", "curves", "memory")
+PHASES = ("db", "eglo", "fair", "amqp", "baseline", "scaleout", "curves", "memory", "api")
 T = TypeVar("T")
 
 
@@ -59,10 +60,16 @@ class Sizes:
     db_batch: int
     curve_seconds: float  # of offered load per point of the latency curves
     curve_drain_requests: int  # backlog for a curve's maximum when its own phase did not run
+    api_requests: int  # submissions without ?wait= (the API's submit rate)
+    api_clients: int  # concurrent HTTP clients for those
+    api_wait_rate: float  # req/s of ?wait=5 submissions (open loop)
+    api_wait_seconds: float  # of that load
 
 
-FULL = Sizes(20_000, 20_000, 20_000, 100_000, 60.0, 30.0, 400, 4, 100, 15.0, 5_000)
-QUICK = Sizes(1_500, 1_000, 1_500, 5_000, 12.0, 6.0, 100, 4, 100, 4.0, 2_000)
+FULL = Sizes(20_000, 20_000, 20_000, 100_000, 60.0, 30.0, 400, 4, 100, 15.0, 5_000,
+             6_000, 32, 50.0, 20.0)
+QUICK = Sizes(1_500, 1_000, 1_500, 5_000, 12.0, 6.0, 100, 4, 100, 4.0, 2_000,
+              1_500, 32, 50.0, 10.0)
 
 
 @dataclasses.dataclass
@@ -84,6 +91,7 @@ class Results:
     baseline: e2e.E2E | None = None
     scaleout: e2e.E2E | None = None
     memory: e2e.Memory | None = None
+    api: api_load.ApiBench | None = None
     curves: list[Curve] = dataclasses.field(default_factory=list)
     plot_path: str = ""
     errors: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -106,6 +114,8 @@ def _foreign(result: object) -> float | None:
     """Cores other work used while `result` was measured (None when not measured)."""
     if isinstance(result, e2e.E2E):
         return result.drain.foreign_cores
+    if isinstance(result, api_load.ApiBench):
+        return result.foreign_cores
     if isinstance(result, tuple) and result and isinstance(result[0], Drain):
         return result[0].foreign_cores
     return None
@@ -259,6 +269,18 @@ async def run(args: argparse.Namespace, sizes: Sizes, results: Results, log_dir:
                 results,
                 "memory",
                 lambda: e2e.memory(bench, sizes.memory_backlog, sizes.memory_seconds),
+            )
+        if "api" in phases:
+            results.api = await _phase(
+                results,
+                "api",
+                lambda: api_load.run(
+                    bench,
+                    sizes.api_requests,
+                    clients=sizes.api_clients,
+                    wait_rate=sizes.api_wait_rate,
+                    wait_seconds=sizes.api_wait_seconds,
+                ),
             )
         results.environment.update(
             {
@@ -446,6 +468,10 @@ def format_results(r: Results) -> str:
             "",
             *curves.format_curves(r.curves),
         ]
+    if r.api is not None:
+        lines += ["", *api_load.format_api(r.api)]
+    elif "api" in r.errors:
+        lines += ["", f"HTTP API (9): error: {r.errors['api']}"]
     lines += ["", *format_targets(r), "", *format_details(r)]
     return "\n".join(lines)
 
@@ -667,6 +693,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="seconds of offered load per point of the latency curves")
     p.add_argument("--curve-drain-requests", type=int,
                    help="backlog for a curve's maximum when its pipeline's phase did not run")
+    p.add_argument("--api-requests", type=int, help="submissions without ?wait= (API phase)")
+    p.add_argument("--api-clients", type=int, help="concurrent HTTP clients for those")
+    p.add_argument("--api-wait-rate", type=float, help="req/s of the ?wait=5 load (API phase)")
+    p.add_argument("--api-wait-seconds", type=float, help="seconds of the ?wait=5 load")
     p.add_argument("--only", action="append", choices=PHASES, help="run only these phases")
     p.add_argument(
         "--worker-env",
@@ -704,6 +734,10 @@ def main(argv: list[str] | None = None) -> int:
                 "db_batch": args.db_batch,
                 "curve_seconds": args.curve_seconds,
                 "curve_drain_requests": args.curve_drain_requests,
+                "api_requests": args.api_requests,
+                "api_clients": args.api_clients,
+                "api_wait_rate": args.api_wait_rate,
+                "api_wait_seconds": args.api_wait_seconds,
             }.items()
             if v is not None
         },

@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("psutil")  # the bench extra
 
-from benchmarks import db_ceiling, fair_ceiling
+from benchmarks import api_load, db_ceiling, fair_ceiling
 from benchmarks.curves import Curve, CurvePoint, format_curves, plot
 from benchmarks.fixtures import Fixture
 from benchmarks.harness import Latency
@@ -131,3 +131,43 @@ def test_curves_are_tabled_and_plotted(tmp_path: Path) -> None:
     path = tmp_path / "curves.png"
     plot(curves, path, "test")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_api_load_arrivals_even_and_poisson() -> None:
+    even = api_load.arrivals(50, 20)
+    assert len(even) == 1_000
+    assert even[0] == 0.0 and even[1] == pytest.approx(0.02) and even[-1] == pytest.approx(19.98)
+    assert api_load.arrivals(0, 20) == [] and api_load.arrivals(50, 0) == []
+    poisson = api_load.arrivals(50, 200, poisson=True, seed=1)
+    assert poisson == sorted(poisson) and poisson[0] > 0 and poisson[-1] < 200
+    assert 9_500 < len(poisson) < 10_500  # 10,000 expected
+    assert poisson == api_load.arrivals(50, 200, poisson=True, seed=1)  # seeded
+
+
+def test_api_load_summary_counts_statuses_and_times_one() -> None:
+    samples: list[tuple[int | str, float]] = [(200, float(ms)) for ms in range(1, 101)]
+    samples += [(202, 5_000.0)] * 7 + [(503, 3.0), ("ClientOSError", 1.0)]
+    load = api_load.summarise("wait", samples, 4.0, 200, offered_rate=25.0)
+    assert load.statuses == {"200": 100, "202": 7, "503": 1, "error: ClientOSError": 1}
+    assert (load.sent, load.count, load.answered) == (109, 100, 108)
+    assert (load.p50_ms, load.p95_ms, load.p99_ms, load.max_ms) == (50.0, 95.0, 99.0, 100.0)
+    assert load.per_s == 25.0 and load.offered_rate == 25.0
+    none = api_load.summarise("submit", [(503, 1.0)], 1.0, 202, clients=4)
+    assert none.count == 0 and none.p99_ms != none.p99_ms  # NaN, not a crash
+
+
+def test_api_load_bodies_go_to_their_types_route_and_the_table_shows_both_loads() -> None:
+    requests = [parse_request(d) for d in generate_requests(8, seed=4, id_prefix="t")]
+    work = api_load.bodies(requests)
+    assert {path for path, _ in work} == {"/forecast", "/storage-optimize",
+                                          "/grid-switch-optimize", "/simulate"}
+    for (path, body), request in zip(work, requests, strict=True):
+        assert api_load.ROUTES[request.request_type] == path
+        assert b"null" not in body and orjson.loads(body)["request_id"] == request.request_id
+    submit = api_load.summarise("submit", [(202, 4.0)] * 99 + [(202, 40.0)], 0.5, 202, clients=32)
+    wait = api_load.summarise("wait", [(200, 80.0)] * 95 + [(202, 5_003.0)] * 5, 2.0, 200,
+                              offered_rate=50.0)
+    result = api_load.ApiBench(submit, wait, 5.0, {"/forecast": 100}, 3.2, 80.0, 200, [0, 0])
+    table = "\n".join(api_load.format_api(result))
+    assert "**200 req/s** answered 202" in table and "4.0 / 4.0 / 4.0 / 40" in table
+    assert "**5 still running (202)**" in table and "`?wait=5` at 50 req/s" in table
