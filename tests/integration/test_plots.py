@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import uuid
-from datetime import date, timedelta
+from datetime import date, datetime, time, timedelta
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
+from matplotlib import dates as mdates
 from PIL import Image
 
 from contracts.requests import AnyRequest
 from producers.sample import generate_requests
 from qnn_emulator.predictors import predict
 from tests.support.runs import ADAPTER, import_days, insert_run
-from worker.analytics.plots import RunNotPlottable, fetch_run, plot_run, save_demo_plots
+from worker.analytics.plots import (
+    RunNotPlottable,
+    fetch_run,
+    forecast_figure,
+    plot_run,
+    save_demo_plots,
+)
 from worker.core.result_checks import check_result
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -95,6 +102,28 @@ async def test_forecast_plot_includes_actuals_when_stored(
     run = await fetch_run(pool, str(run_id))
     assert set(run.actuals) == set(days)
     assert_png(await plot_run(pool, str(run_id), tmp_path / "with-actuals.png"))
+
+
+async def test_forecast_time_axis_says_what_it_shows(pool: asyncpg.Pool) -> None:
+    """The axis spans the history before forecast_date 00:00 as well as the forecast: its label
+    says so (not "forecast_date 00:00 onwards"), names no time zone the data does not have, and
+    the split is drawn where the label says."""
+    request = sample("forecast")
+    run = await fetch_run(pool, str(await store(pool, request)))
+    assert run.payload["historical_loads"]
+    ax = forecast_figure(run).axes[0]
+    label = ax.get_xlabel()
+    assert "onwards" not in label and "local to the data" not in label
+    assert label == (
+        "Time, as the data gives it (no time zone): history up to the dotted line, "
+        f"forecast from {request.forecast_date} 00:00"
+    )
+    start = mdates.date2num(datetime.combine(request.forecast_date, time()))
+    low, high = ax.get_xlim()
+    assert low < start - 1 < start < high  # more than a day of history left of the split
+    split = [line for line in ax.get_lines() if line.get_linestyle() == ":"]
+    assert [list(line.get_xdata()) for line in split] == [[start, start]]
+    assert "forecast start" in [t.get_text() for t in ax.texts]
 
 
 async def test_runs_without_results_are_refused(pool: asyncpg.Pool, tmp_path: Path) -> None:

@@ -7,7 +7,9 @@
 * simulation: the base type's picture for each scenario as small multiples (the first six).
 
 Steps are drawn from `forecast_date` 00:00 at the run's resolution, the same alignment scoring
-uses; inline history is assumed to end where the forecast starts.
+uses; inline history is assumed to end where the forecast starts. Times are the data's own: a
+request's dates and its datasets' days carry no time zone and none is converted (accuracy.py), so
+the axes name none.
 """
 
 from __future__ import annotations
@@ -224,7 +226,18 @@ def _draw_forecast(
     _style(ax)
 
 
-def _render_forecast(run: RunData, out: Path) -> None:
+def forecast_xlabel(forecast_date: date, history_shown: bool) -> str:
+    """What the forecast plot's time axis shows: the data's own clock (no zone is known), the
+    history before the dotted line when there is one, the forecast from `forecast_date` 00:00."""
+    where = (
+        f"history up to the dotted line, forecast from {forecast_date} 00:00"
+        if history_shown
+        else f"forecast from {forecast_date} 00:00"
+    )
+    return f"Time, as the data gives it (no time zone): {where}"
+
+
+def forecast_figure(run: RunData) -> Figure:
     start = datetime.combine(run.forecast_date, time())
     result = run.result
     forecast = _floats(result.get("forecast"))
@@ -244,8 +257,14 @@ def _render_forecast(run: RunData, out: Path) -> None:
     fig.suptitle(f"Load forecast: {run.region}, {run.forecast_date}", fontweight="bold")
     ax.set_title(" · ".join(details), fontsize=10, color="#4b5563")
     ax.legend(loc="upper left", frameon=False, ncols=4, fontsize=9)
-    ax.set_xlabel("Time (forecast_date 00:00 onwards, local to the data)")
-    fig.savefig(out)
+    ax.set_xlabel(
+        forecast_xlabel(run.forecast_date, bool(_floats(run.payload.get("historical_loads"))))
+    )
+    return fig
+
+
+def _render_forecast(run: RunData, out: Path) -> None:
+    forecast_figure(run).savefig(out)
 
 
 # --- storage -----------------------------------------------------------------------------------
