@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import shutil
 from collections.abc import AsyncIterator
+from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
 import asyncpg
@@ -25,11 +26,13 @@ from tests.support.api_support import (
     serving,
 )
 from tests.support.harness import make_settings, running_worker
+from tests.support.runs import insert_run
 from worker.api.console import COOKIE, csrf_token
 from worker.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 SHOTS = ROOT / ".eglo" / "console"
+UTC_TIME = re.compile(r"\b\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC\b")
 
 
 @pytest.fixture
@@ -97,6 +100,33 @@ async def test_console_signs_in_checks_roles_and_csrf(settings: Settings) -> Non
         assert not [p for p in document["paths"] if p.startswith("/console")]
 
 
+async def test_console_lists_show_times_in_utc_with_the_zone(
+    settings: Settings, pool: asyncpg.Pool
+) -> None:
+    """A run stored at 00:46:01 +02:00 (22:46:01 UTC) and its anomaly: the runs list, the run's
+    page and the anomalies list show that instant in UTC, seconds included, marked `UTC`."""
+    run_id = await insert_run(
+        pool,
+        forecast_date=date(2026, 12, 6),
+        result={"forecast": [100.0] * 24, "resolution_minutes": 60},
+        request_id="console-utc",
+        created_at=datetime(2026, 12, 6, 0, 46, 1, tzinfo=timezone(timedelta(hours=2))),
+    )
+    await pool.execute(
+        "INSERT INTO anomalies (optimization_run_id, anomaly_type, severity, description, "
+        "detected_at) VALUES ($1, 'input_spike', 'high', 'x', '2026-12-06 01:07:09+02')",
+        run_id,
+    )
+    async with api_client(settings) as client:
+        await _sign_in(client, READER)
+        runs = (await client.get("/console/runs")).text
+        assert ">2026-12-05 22:46:01 UTC</td>" in runs
+        run = (await client.get("/console/runs/console-utc")).text
+        assert "<dd>2026-12-05 22:46:01 UTC</dd>" in run
+        anomalies = (await client.get("/console/anomalies")).text
+        assert ">2026-12-05 23:07:09 UTC</td>" in anomalies
+
+
 def _chromium() -> str:
     path = shutil.which("chromium") or shutil.which("chromium-browser")
     if path is None:
@@ -158,7 +188,8 @@ async def test_console_in_a_browser(settings: Settings, amqp_url: str, pool: asy
         await page.screenshot(path=str(SHOTS / "storage-run.png"), full_page=True)
 
         await page.goto(f"{base_url}/console/runs")
-        assert request_id in await page.inner_text("#runs")
+        runs = await page.inner_text("#runs")
+        assert request_id in runs and UTC_TIME.search(runs), runs
         await page.screenshot(path=str(SHOTS / "runs.png"), full_page=True)
 
         # An operator replays the dead letter from its page.
@@ -168,6 +199,7 @@ async def test_console_in_a_browser(settings: Settings, amqp_url: str, pool: asy
         await page.goto(f"{base_url}/console/dead-letters")
         letters = await page.inner_text("#letters")
         assert bad["request_id"] in letters and "unsupported_content_type" in letters
+        assert UTC_TIME.search(letters), letters  # when it was dead-lettered
         await page.screenshot(path=str(SHOTS / "dead-letters.png"), full_page=True)
         await page.select_option("select[name=reason]", "unsupported_content_type")
         await page.click("#replay button[type=submit]")

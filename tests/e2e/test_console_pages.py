@@ -5,9 +5,11 @@ screenshots go to .eglo/console/ to be looked at."""
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import orjson
@@ -24,6 +26,15 @@ from worker.settings import Settings
 
 SHOTS = Path(__file__).resolve().parents[2] / ".eglo" / "console"
 WIDTH = 1280
+UTC_TIME = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC$")
+
+
+async def _column(page: Any, table: str, index: int) -> list[str]:
+    """The texts of one column (0-based) of a table's body rows."""
+    cells: list[str] = await page.eval_on_selector_all(
+        f"#{table} tbody tr", f"rows => rows.map(r => r.cells[{index}].innerText.trim())"
+    )
+    return cells
 
 
 @pytest.fixture
@@ -123,7 +134,17 @@ async def test_console_pages_render_whole(
         letters = await page.inner_text("#letters")
         assert {"as-text", "not-json", "bad-horizon"} <= set(letters.split())
         assert "3 dead letter(s) shown" in await page.inner_text("p.count")
+        # Times in UTC with the zone marked, on every list that shows them.
+        dead_lettered = await _column(page, "letters", 0)
+        assert len(dead_lettered) == 3 and all(UTC_TIME.match(t) for t in dead_lettered), (
+            dead_lettered
+        )
+        await page.goto(base_url + "/console/runs")
+        stored = await _column(page, "runs", 5)
+        assert len(stored) >= 12 and all(UTC_TIME.match(t) for t in stored), stored
         await page.goto(base_url + "/console/anomalies")
         anomalies = await page.inner_text("#anomalies")
         assert "input_spike" in anomalies and "forecast_out_of_range" in anomalies
+        detected = await _column(page, "anomalies", 0)
+        assert len(detected) >= 2 and all(UTC_TIME.match(t) for t in detected), detected
         await browser.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import aio_pika
 import asyncpg
 import orjson
@@ -31,8 +33,10 @@ async def test_list_shows_reasons_and_leaves_letters_in_place(
     pool: asyncpg.Pool,
     emulator: str,
 ) -> None:
-    """Listing shows each dead letter's reason and id, and takes nothing away."""
+    """Listing shows each dead letter's reason, id and when it was dead-lettered (UTC), and
+    takes nothing away."""
     doc = generate_requests(1, seed=4, id_prefix="dlq")[0]
+    before = datetime.now(UTC)
     async with Publisher.connect(amqp_url) as publisher:
         await publisher.publish_raw(
             orjson.dumps(doc),
@@ -48,6 +52,9 @@ async def test_list_shows_reasons_and_leaves_letters_in_place(
         (doc["request_id"], "unsupported_content_type"),
         ("garbage", "invalid_json"),
     }
+    for d in letters:
+        assert d.dead_lettered_at is not None and d.dead_lettered_at.tzinfo is not None
+        assert before <= d.dead_lettered_at <= datetime.now(UTC), d
     # The listing's channel closing puts them back; the broker does that asynchronously.
     await wait_for(lambda: _depth(amqp, topology.DEAD_LETTER_QUEUE, 2), within_s=10)
 

@@ -110,6 +110,7 @@ async def dead_letters(state: ApiState, limit: int) -> list[DeadLetterView]:
             detail=d.detail,
             body_preview=d.body_preview,
             size=d.size,
+            dead_lettered_at=d.dead_lettered_at,
         )
         for d in letters
     ]

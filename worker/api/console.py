@@ -11,7 +11,7 @@ import hmac
 import re
 import uuid
 from collections.abc import Awaitable, Callable
-from datetime import date
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, Final
 from urllib.parse import parse_qs, quote, urlencode
@@ -39,6 +39,21 @@ _TEMPLATES = jinja2.Environment(
     undefined=jinja2.StrictUndefined,
 )
 _SUBMIT_TYPES: Final[dict[str, RequestType]] = {t: t for t in REQUEST_TYPES}
+
+
+def utc_time(value: datetime | str | None) -> str:
+    """A stored instant in UTC with the zone marked, `2026-12-05 22:46:01 UTC` (the `utc`
+    filter of the templates). The database's columns are timestamptz, so every value carries its
+    offset; one without (never expected) is shown as it is, unmarked, rather than guessed."""
+    if value is None or value == "":
+        return "\u2013"  # an en dash, as the templates show a missing value
+    moment = datetime.fromisoformat(value) if isinstance(value, str) else value
+    if moment.tzinfo is None:
+        return moment.strftime("%Y-%m-%d %H:%M:%S")
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+_TEMPLATES.filters["utc"] = utc_time
 
 Submit = Callable[..., Awaitable[Response]]
 RunView = Callable[[Request, ApiState, Any], Awaitable[dict[str, Any]]]

@@ -121,6 +121,9 @@ class DeadLetterView(BaseModel):
     detail: str
     body_preview: str
     size: int
+    dead_lettered_at: datetime | None = Field(
+        default=None, description="When it was dead-lettered (UTC), when the message says."
+    )
 
 
 class ReplayCommand(BaseModel):

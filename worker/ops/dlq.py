@@ -6,6 +6,7 @@ import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
@@ -50,6 +51,29 @@ class DeadLetter:
     detail: str
     body_preview: str
     size: int
+    dead_lettered_at: datetime | None = None  # UTC
+
+
+def dead_lettered_at(headers: dict[str, Any]) -> datetime | None:
+    """When the message was dead-lettered, in UTC: eglo's copy says when it was republished
+    (`x-eglo-republished-at`), the broker's own dead-lettering (delivery limit) records the time
+    in `x-death`; None when neither says."""
+    if REASON_HEADER in headers:
+        value = headers.get(REPUBLISHED_AT_HEADER)
+        if isinstance(value, bytes):
+            value = value.decode("utf-8", "replace")
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                moment = datetime.fromisoformat(value)
+                if moment.tzinfo is not None:
+                    return moment.astimezone(UTC)
+        return None
+    deaths = headers.get("x-death")
+    if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
+        died = deaths[0].get("time")  # the latest death comes first; pamqp decodes it in UTC
+        if isinstance(died, datetime) and died.tzinfo is not None:
+            return died.astimezone(UTC)
+    return None
 
 
 def describe(message: AbstractIncomingMessage) -> DeadLetter:
@@ -62,6 +86,7 @@ def describe(message: AbstractIncomingMessage) -> DeadLetter:
         detail=str(headers.get(DETAIL_HEADER, "")),
         body_preview=message.body[:120].decode("utf-8", "replace"),
         size=len(message.body),
+        dead_lettered_at=dead_lettered_at(dict(headers)),
     )
 
 
