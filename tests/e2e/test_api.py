@@ -381,6 +381,7 @@ async def test_dead_letters_listed_and_replayed_with_an_audit_row(
         assert [(d["message_id"], d["reason"]) for d in letters] == [
             (doc["request_id"], "unsupported_content_type")
         ]
+        assert letters[0]["dead_lettered_at"].endswith("Z"), letters  # in UTC
         # Replayed with no worker running, so the replayed letter waits in eglo.requests.
         # (test_replay_with_a_worker_running_takes_a_snapshot: with one.)
         refused = await client.post(
