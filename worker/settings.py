@@ -133,6 +133,12 @@ class Settings(BaseSettings):
         description="Most outbox events awaiting a broker confirm at once: after a node is lost, "
         "at most this many events are sent twice.",
     )
+    outbox_max_unannounced: int = Field(
+        default=256,
+        ge=1,
+        description="Most runs a worker may have committed whose outcome events the broker has "
+        "not yet confirmed; beyond it new requests wait (in the queue) until the relay catches up.",
+    )
     outbox_confirm_timeout_s: float = Field(
         default=5.0,
         gt=0,

@@ -216,7 +216,8 @@ async def test_every_request_stage_is_timed(
     name = "eglo_request_stage_duration_seconds"
     counts = {s: metric(samples, f"{name}_count", stage=s) for s in STAGES}
     assert set(counts) == {
-        "queue_wait", "intake", "qnn", "commit_wait", "commit", "relay_wait", "publish_confirm"
+        "queue_wait", "announce_wait", "intake", "qnn", "commit_wait", "commit", "relay_wait",
+        "publish_confirm",
     }
     for stage in STAGES:
         if stage == "relay_wait":

@@ -94,3 +94,43 @@ async def test_confirms_that_never_come_release_the_batch(pool: asyncpg.Pool) ->
     assert await _unpublished(pool) == 100
     underlay.confirming.set()
     assert await relay.flush() == 100
+
+
+async def _held(relay: OutboxRelay) -> bool:
+    room = asyncio.ensure_future(relay.room())
+    await asyncio.sleep(0.05)
+    held = not room.done()
+    room.cancel()
+    return held
+
+
+async def test_new_requests_wait_while_announcing_trails_committing(pool: asyncpg.Pool) -> None:
+    underlay = _Underlay()
+    underlay.confirming.clear()
+    relay = _relay(pool, _Channel(underlay), max_unannounced=10, confirm_timeout_s=0.3)
+    await _events(pool, 12)
+    relay.wake(runs=12)  # as the store does after committing 12 runs
+    assert await _held(relay)
+    await relay.flush()  # nothing confirmed: still held
+    assert await _held(relay)
+    underlay.confirming.set()
+    assert await relay.flush() == 12
+    assert not await _held(relay)
+    assert await relay.room() == 0.0
+
+
+async def test_a_drained_outbox_releases_what_another_relay_announced(pool: asyncpg.Pool) -> None:
+    relay = _relay(pool, _Channel(_Underlay()), max_unannounced=10)
+    relay.wake(runs=30)  # committed here, then sent by another worker's relay
+    assert await _held(relay)
+    assert await relay.flush() == 0
+    assert not await _held(relay)
+
+
+async def test_stopping_releases_requests_held(pool: asyncpg.Pool) -> None:
+    relay = _relay(pool, _Channel(_Underlay()), max_unannounced=1)
+    relay.wake(runs=5)
+    room = asyncio.ensure_future(relay.room())
+    await asyncio.sleep(0.05)
+    relay.stop()
+    assert await asyncio.wait_for(room, 1) > 0

@@ -12,6 +12,7 @@ REQUEST_TYPES = ("forecast", "storage", "grid_switch", "simulation", "unknown")
 # Where one request's time goes, in order (eglo_request_stage_duration_seconds{stage}).
 STAGES = (
     "queue_wait",  # the producer's published-at header to the worker starting on the delivery
+    "announce_wait",  # held while this worker's committed runs wait for their events' confirms
     "intake",  # parse, validate, duplicate lookup, dataset: up to the QNN call
     "qnn",  # the QNN call, retries included
     "commit_wait",  # handed to the group commit until its transaction starts

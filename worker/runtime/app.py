@@ -106,6 +106,7 @@ class Worker:
             poll_s=settings.outbox_poll_s,
             window=settings.outbox_window,
             confirm_timeout_s=settings.outbox_confirm_timeout_s,
+            max_unannounced=settings.outbox_max_unannounced,
         )
         store = RunStore(
             res.pool,
@@ -139,6 +140,7 @@ class Worker:
                 datasets=functools.partial(resolve_request, res.pool),
                 on_forecast=scorer.note if scorer is not None else None,
                 db_gate=gate,
+                room=relay.room,
             ),
             consume_channel,
             publish_channel,

@@ -9,6 +9,13 @@ window: the next event of the batch goes out when one is confirmed). The relay w
 for a usable channel before it claims rows, and gives up on a batch's confirms after
 `confirm_timeout_s`, so a relay cut off from its broker never holds rows another worker could
 send.
+
+The relay also owns how far announcing may trail committing. A worker that commits faster than
+its events can be confirmed (a saturated machine, a slow broker) would otherwise keep taking
+requests while its outcome events pile up unsent: latency grows without bound, and the work hides
+in the outbox where queue-depth autoscaling cannot see it. So `room()` holds new requests while
+more than `max_unannounced` of this worker's committed runs await their outcome's confirm; they
+wait in the broker's queue instead.
 """
 
 from __future__ import annotations
@@ -55,6 +62,7 @@ class OutboxRelay:
         retention_h: float = 24.0,
         window: int = 16,
         confirm_timeout_s: float = 5.0,
+        max_unannounced: int = 256,
     ) -> None:
         self._pool = pool
         self._channel = channel
@@ -67,12 +75,36 @@ class OutboxRelay:
         self._wakeup = asyncio.Event()
         self._stopping = False
         self._woken_at: float | None = None  # first wake not yet followed by a claim
+        self._max_unannounced = max_unannounced
+        # Runs this process committed whose outcome event its relay has not yet seen confirmed.
+        # Approximate with several workers (another relay may send them), so a claim that finds
+        # the outbox drained settles the count.
+        self._unannounced = 0
+        self._room = asyncio.Event()
+        self._room.set()
 
-    def wake(self) -> None:
-        """Called after a commit that wrote events: they leave now, not at the next poll."""
+    def wake(self, runs: int = 0) -> None:
+        """Called after a commit of `runs` new runs: their events leave now, not at the next
+        poll."""
         if self._woken_at is None:
             self._woken_at = time.perf_counter()
+        self._unannounced += runs
+        self._update_room()
         self._wakeup.set()
+
+    async def room(self) -> float:
+        """Wait until announcing has caught up (see the module's docstring); the seconds held."""
+        if self._room.is_set():
+            return 0.0
+        started = time.perf_counter()
+        await self._room.wait()
+        return time.perf_counter() - started
+
+    def _update_room(self) -> None:
+        if self._unannounced < self._max_unannounced or self._stopping:
+            self._room.set()
+        else:
+            self._room.clear()
 
     def stop(self) -> None:
         """Finish the batch in hand, flush what is left, and return from `run`.
@@ -80,6 +112,7 @@ class OutboxRelay:
         Cancelling mid-batch would leave published events unmarked, to be sent twice.
         """
         self._stopping = True
+        self._room.set()
         self._wakeup.set()
 
     async def run(self) -> None:
@@ -125,10 +158,12 @@ class OutboxRelay:
         # the frame; a window of events is then in flight at once, each awaiting its confirm.
         channel = cast(aiormq.Channel, await self._channel.get_underlay_channel())
         published: list[Any] = []
+        counted = self._unannounced  # committed before this claim
         async with self._pool.acquire() as conn, conn.transaction():
             claiming, woken, self._woken_at = time.perf_counter(), self._woken_at, None
             rows = await conn.fetch(_CLAIM, self._batch)
             if not rows:
+                self._announced(counted)
                 return 0, 0
             if woken is not None:
                 # From the first commit that woke the relay (the batch's longest wait).
@@ -172,7 +207,13 @@ class OutboxRelay:
             await broker.renew_channel(self._channel, channel, min_interval_s=5.0)
         for row in published:
             self._metrics.events_published.labels(event_type=_event_type(row)).inc()
+        drained = len(rows) < self._batch and not failures
+        self._announced(counted if drained else sum(map(_is_outcome, published)))
         return len(rows), len(published)
+
+    def _announced(self, runs: int) -> None:
+        self._unannounced = max(0, self._unannounced - runs)
+        self._update_room()
 
     async def _publish(self, channel: aiormq.Channel, row: Any) -> None:
         with tracing.span(

@@ -139,9 +139,11 @@ class Pipeline:
         datasets: Callable[[AnyRequest], Awaitable[AnyRequest]] | None = None,
         on_forecast: Callable[[ForecastRequest], None] | None = None,
         db_gate: DatabaseGate | None = None,
+        room: Callable[[], Awaitable[float]] | None = None,
     ) -> None:
         """`datasets` turns a request's dataset_ref into inline history (from energy_datasets).
-        `db_gate` is told of systemic database failures, and waited on before retrying them."""
+        `db_gate` is told of systemic database failures, and waited on before retrying them.
+        `room` holds a request while announcing trails committing (the outbox relay's)."""
         self._settings = settings
         self._qnn = qnn
         self._store = store
@@ -150,6 +152,7 @@ class Pipeline:
         self._datasets = datasets
         self._on_forecast = on_forecast
         self._db_gate = db_gate
+        self._room = room
 
     async def handle(self, delivery: Delivery) -> Decision:
         started = time.perf_counter()
@@ -192,6 +195,10 @@ class Pipeline:
     async def _process(self, request: AnyRequest, delivery: Delivery, started: float) -> Decision:
         """dedupe -> deadline -> resolve -> call -> check -> detect -> save; each step either
         hands on or ends with the Decision."""
+        if self._room is not None:
+            held = await self._room()
+            self._metrics.stages["announce_wait"].observe(held)
+            started += held  # intake is timed from the end of the hold
         run = _Run(request, request_fingerprint(request), delivery)
         for step in (self._dedupe, self._deadline, self._resolve):
             if (decision := await step(run)) is not None:

@@ -155,7 +155,7 @@ class RunStore:
         *,
         batch_max: int,
         writers: int,
-        on_commit: Callable[[], None] = lambda: None,
+        on_commit: Callable[[int], None] = lambda runs: None,
     ) -> None:
         self._pool = pool
         self._metrics = metrics
@@ -286,7 +286,7 @@ class RunStore:
                     future.set_exception(result)
                 else:
                     future.set_result(result)
-            self._on_commit()
+            self._on_commit(sum(r is SaveResult.INSERTED for r in results))
 
     async def _write_isolating_bad_rows(
         self, records: list[RunRecord]
