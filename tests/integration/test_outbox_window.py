@@ -9,6 +9,7 @@ from typing import Any
 
 import asyncpg
 
+from tests.support.harness import wait_for
 from worker.observability.metrics import Metrics
 from worker.runtime.outbox import OutboxRelay
 
@@ -134,3 +135,27 @@ async def test_stopping_releases_requests_held(pool: asyncpg.Pool) -> None:
     await asyncio.sleep(0.05)
     relay.stop()
     assert await asyncio.wait_for(room, 1) > 0
+
+
+async def test_a_second_lane_sends_what_was_committed_while_a_batch_awaits_confirms(
+    pool: asyncpg.Pool,
+) -> None:
+    underlay = _Underlay()
+    underlay.confirming.clear()
+    relay = _relay(pool, _Channel(underlay), window=20, confirm_timeout_s=5.0)
+    running = asyncio.create_task(relay.run())
+    try:
+        await _events(pool, 5)
+        relay.wake(runs=5)
+        await wait_for(lambda: underlay.sent == 5, within_s=5)
+        await _events(pool, 5)  # committed while the first batch waits for its confirms
+        relay.wake(runs=5)
+        await wait_for(lambda: underlay.sent == 10, within_s=5)
+        assert underlay.most_in_flight == 10
+        underlay.confirming.set()
+        await wait_for(lambda: underlay.in_flight == 0)
+    finally:
+        relay.stop()
+        await asyncio.wait_for(running, 5)
+    assert await _unpublished(pool) == 0
+    assert underlay.sent == 10

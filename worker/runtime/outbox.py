@@ -63,6 +63,7 @@ class OutboxRelay:
         window: int = 16,
         confirm_timeout_s: float = 5.0,
         max_unannounced: int = 256,
+        lanes: int = 2,
     ) -> None:
         self._pool = pool
         self._channel = channel
@@ -70,7 +71,8 @@ class OutboxRelay:
         self._batch = batch
         self._poll_s = poll_s
         self._retention_h = retention_h
-        self._window = window
+        self._slots = asyncio.Semaphore(window)  # shared by the lanes
+        self._lanes = lanes
         self._confirm_timeout_s = confirm_timeout_s
         self._wakeup = asyncio.Event()
         self._stopping = False
@@ -116,7 +118,16 @@ class OutboxRelay:
         self._wakeup.set()
 
     async def run(self) -> None:
-        """Relay until stopped; failures are logged and retried at the next poll."""
+        """Relay until stopped; failures are logged and retried at the next poll.
+
+        Two lanes: while one waits for its batch's confirms, the other claims what was committed
+        meanwhile (SKIP LOCKED keeps their rows apart), so a commit never waits out a whole batch
+        in flight. They share the window, so no more events are unconfirmed than with one.
+        """
+        await asyncio.gather(*(self._lane(first=i == 0) for i in range(self._lanes)))
+        await self.flush()
+
+    async def _lane(self, *, first: bool) -> None:
         polls = 0
         while not self._stopping:
             with contextlib.suppress(TimeoutError):
@@ -125,9 +136,9 @@ class OutboxRelay:
             try:
                 await self.flush()
                 polls += 1
-                if polls % 20 == 0:
+                if first and polls % 20 == 0:
                     await self._refresh_backlog()
-                if polls % 1000 == 0:
+                if first and polls % 1000 == 0:
                     await self._pool.execute(_PRUNE, self._retention_h)
             except asyncio.CancelledError:
                 raise
@@ -135,7 +146,6 @@ class OutboxRelay:
                 self._metrics.db_errors.labels(operation="outbox_relay").inc()
                 log.warning("outbox.relay.failed", error=repr(exc)[:300])
                 await asyncio.sleep(self._poll_s)
-        await self.flush()
 
     async def flush(self) -> int:
         """Relay everything unpublished now; returns how many events were confirmed."""
@@ -172,12 +182,11 @@ class OutboxRelay:
                     if _is_outcome(row):
                         waited.observe(claiming - woken)
             failures: list[BaseException] = []
-            slots = asyncio.Semaphore(self._window)
 
             async def send(row: Any) -> None:
                 # A sliding window: the next event goes as soon as one is confirmed. After a
                 # failure nothing more is sent; the rest wait for the next attempt.
-                async with slots:
+                async with self._slots:
                     if failures or channel.is_closed:
                         raise _NotSent
                     try:
