@@ -59,7 +59,7 @@ def test_slow_start_then_one_slot_less_per_429_then_slow_growth() -> None:
     for _ in range(3):  # three calls over the quota
         limit.throttled()
     assert limit.limit == 17 and not limit.slow_start
-    for _ in range(17 * 4):  # four windows of answers: about one slot more
+    for _ in range(17 * 6):  # six windows of answers (0.17 a window): about one slot more
         limit.answered(0.2)
     assert 17.9 < limit.limit < 18.1
     assert seen[0] == 4 and seen[-1] == limit.limit

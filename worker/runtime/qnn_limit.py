@@ -5,7 +5,7 @@ A throttling QNN (429) or one that slows down under load says "fewer at once". T
 - starts at `initial` and, until the first such signal, grows by one per answered call (doubling
   per round trip, like TCP's slow start);
 - then grows by one per `1 / increase_per_window` windows of answered calls (a window: as many
-  calls as the limit), so it probes for more room about once a second at a 200 ms QNN, and
+  calls as the limit), so it probes for more room about every 1.2 s at a 200 ms QNN, and
   spaces the starts of calls a smoothed round trip / limit apart (pacing);
 - shrinks by one slot per 429 (and per answer slower than `latency_tolerance` x the fastest
   recent one, when that is set): calls that overshot the quota each take one slot away, so a
@@ -36,7 +36,7 @@ class AdaptiveLimit:
         initial: float,
         ceiling: int,
         floor: int = 1,
-        increase_per_window: float = 0.25,
+        increase_per_window: float = 0.17,
         latency_tolerance: float = 0.0,
         on_change: Callable[[float], None] = lambda _: None,
     ) -> None:
