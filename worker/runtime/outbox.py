@@ -79,8 +79,8 @@ class OutboxRelay:
         self._woken_at: float | None = None  # first wake not yet followed by a claim
         self._max_unannounced = max_unannounced
         # Runs this process committed whose outcome event its relay has not yet seen confirmed.
-        # Approximate with several workers (another relay may send them), so a claim that finds
-        # the outbox drained settles the count.
+        # Approximate (another worker's relay, or this relay's other lane, may send them), so a
+        # claim that finds nothing else unclaimed settles the count: never held for good.
         self._unannounced = 0
         self._room = asyncio.Event()
         self._room.set()
