@@ -22,20 +22,16 @@ from typing import Any
 
 import aio_pika
 import orjson
-import psutil
 from aio_pika.abc import AbstractIncomingMessage
 
 from benchmarks.harness import (
     Bench,
     Drain,
     Latency,
-    Probes,
     declare_events_queue,
-    measure_drain,
-    measure_latency,
+    drain_then_time,
     publish_backlog,
     spawn_module,
-    stop_all,
     template_index,
 )
 from producers import topology
@@ -102,7 +98,8 @@ async def run(
     bench: Bench, fixtures_path: Path, requests: int, latency_rate: float | None,
     latency_seconds: float, prefetch: int = 256,
 ) -> tuple[Drain, Latency | None]:
-    """Drain a backlog of `requests` (throughput, CPU), then time requests at `latency_rate`."""
+    """Drain a backlog of `requests` (throughput, CPU), then time requests at `latency_rate`
+    (None: at half the maximum just measured)."""
     async with bench.world("amqp-ceiling") as world:
         await declare_events_queue(world.amqp_url)
         await publish_backlog(world.amqp_url, bench.workload.requests(requests, "amqp"))
@@ -112,20 +109,10 @@ async def run(
             {"EGLO_AMQP_URL": world.amqp_url},
             world.log_dir / "amqp-ceiling.log",
         )
-        try:
-            probes = Probes(bench, {"consumer": psutil.Process(process.pid)})
-            drain, _ = await measure_drain(
-                world, probes, requests, processes=[process], with_db=False
-            )
-            latency = None
-            if latency_rate:
-                count = max(200, int(latency_rate * latency_seconds))
-                latency = await measure_latency(
-                    world, bench.workload.requests(count, "amqp-lat"), latency_rate, probes=probes
-                )
-        finally:
-            stop_all([process], grace_s=10)
-    return drain, latency
+        return await drain_then_time(
+            bench, world, process, requests, latency_rate, latency_seconds, "amqp-lat",
+            with_db=False,
+        )
 
 
 def main() -> int:

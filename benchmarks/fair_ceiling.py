@@ -44,7 +44,6 @@ import aiohttp
 import aiormq
 import asyncpg
 import orjson
-import psutil
 from aio_pika.abc import AbstractIncomingMessage
 
 from benchmarks import db_ceiling
@@ -53,13 +52,10 @@ from benchmarks.harness import (
     Bench,
     Drain,
     Latency,
-    Probes,
     declare_events_queue,
-    measure_drain,
-    measure_latency,
+    drain_then_time,
     publish_backlog,
     spawn_module,
-    stop_all,
     template_index,
 )
 from contracts.qnn import PREDICT_PATH
@@ -251,19 +247,9 @@ async def run(
             },
             world.log_dir / "fair-ceiling.log",
         )
-        try:
-            probes = Probes(bench, {"consumer": psutil.Process(process.pid)})
-            drain, _ = await measure_drain(world, probes, requests, processes=[process])
-            latency = None
-            rate = latency_rate or drain.runs_per_s / 2
-            if rate > 0 and not drain.stalled:
-                count = max(200, int(rate * latency_seconds))
-                latency = await measure_latency(
-                    world, bench.workload.requests(count, "fair-lat"), rate, probes=probes
-                )
-        finally:
-            stop_all([process], grace_s=10)
-    return drain, latency
+        return await drain_then_time(
+            bench, world, process, requests, latency_rate, latency_seconds, "fair-lat"
+        )
 
 
 def main() -> int:

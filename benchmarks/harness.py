@@ -666,5 +666,36 @@ def spawn_module(
     )
 
 
+async def drain_then_time(
+    bench: Bench,
+    world: World,
+    process: subprocess.Popen[bytes],
+    requests: int,
+    latency_rate: float | None,
+    latency_seconds: float,
+    tag: str,
+    *,
+    with_db: bool = True,
+) -> tuple[Drain, Latency | None]:
+    """A ceiling's two measurements, then its process stopped: the drain of the backlog of
+    `requests` already published (throughput, CPU), then requests offered at `latency_rate`
+    (None: half the maximum just measured) and timed."""
+    try:
+        probes = Probes(bench, {"consumer": psutil.Process(process.pid)})
+        drain, _ = await measure_drain(
+            world, probes, requests, processes=[process], with_db=with_db
+        )
+        latency = None
+        rate = latency_rate or drain.runs_per_s / 2
+        if rate > 0 and not drain.stalled:
+            count = max(200, int(rate * latency_seconds))
+            latency = await measure_latency(
+                world, bench.workload.requests(count, tag), rate, probes=probes
+            )
+    finally:
+        stop_all([process], grace_s=10)
+    return drain, latency
+
+
 def stop_all(processes: Iterable[subprocess.Popen[bytes]], grace_s: float = 30.0) -> list[int]:
     return [stop(p, grace_s=grace_s) for p in processes]

@@ -223,7 +223,9 @@ async def run(args: argparse.Namespace, sizes: Sizes, results: Results, log_dir:
             )
         if "amqp" in phases:
             rate, basis = _amqp_offered_load(results, args)
-            results.amqp_latency_basis = basis
+            results.amqp_latency_basis = (
+                basis or "half the AMQP ceiling's own maximum (no eglo run)"
+            )
             results.amqp = await _phase(
                 results,
                 "amqp",
@@ -231,23 +233,6 @@ async def run(args: argparse.Namespace, sizes: Sizes, results: Results, log_dir:
                     bench, fixtures_path, sizes.requests, rate, sizes.latency_seconds
                 ),
             )
-            if results.amqp is not None and rate is None:
-                # No eglo figure in this run: time it at half its own maximum instead.
-                drain = results.amqp[0]
-                results.amqp_latency_basis = "half the AMQP ceiling's own maximum (no eglo run)"
-                results.amqp = await _phase(
-                    results,
-                    "amqp-latency",
-                    lambda: amqp_ceiling.run(
-                        bench,
-                        fixtures_path,
-                        max(1_000, sizes.requests // 10),
-                        drain.runs_per_s / 2,
-                        sizes.latency_seconds,
-                    ),
-                )
-                if results.amqp is not None:
-                    results.amqp = (drain, results.amqp[1])
         if "baseline" in phases:
             results.baseline = await _phase(
                 results,
