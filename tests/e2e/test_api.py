@@ -26,20 +26,11 @@ from tests.support.api_support import (
     SUBMITTER,
     api_client,
     bearer,
-    empty_api_tables,
     sample,
 )
-from tests.support.harness import make_settings, running_worker, wait_for
+from tests.support.harness import running_worker, wait_for
 from worker.api.app import SUBMIT_ROUTES
 from worker.settings import Settings
-
-
-@pytest.fixture
-async def settings(
-    amqp_url: str, database_url: str, pool: asyncpg.Pool, emulator: str
-) -> AsyncIterator[Settings]:
-    await empty_api_tables(pool)
-    yield make_settings(amqp_url, database_url, emulator, api_max_wait_s=20)
 
 
 @pytest.fixture

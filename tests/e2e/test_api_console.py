@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import re
 import shutil
-from collections.abc import AsyncIterator
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
@@ -21,11 +20,10 @@ from tests.support.api_support import (
     READER,
     SUBMITTER,
     api_client,
-    empty_api_tables,
     sample,
     serving,
 )
-from tests.support.harness import make_settings, running_worker
+from tests.support.harness import running_worker
 from tests.support.runs import insert_run
 from worker.api.console import COOKIE, csrf_token
 from worker.settings import Settings
@@ -33,14 +31,6 @@ from worker.settings import Settings
 ROOT = Path(__file__).resolve().parents[2]
 SHOTS = ROOT / ".eglo" / "console"
 UTC_TIME = re.compile(r"\b\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC\b")
-
-
-@pytest.fixture
-async def settings(
-    amqp_url: str, database_url: str, pool: asyncpg.Pool, emulator: str
-) -> AsyncIterator[Settings]:
-    await empty_api_tables(pool)
-    yield make_settings(amqp_url, database_url, emulator, api_max_wait_s=20)
 
 
 async def _sign_in(client: httpx.AsyncClient, token: str) -> None:

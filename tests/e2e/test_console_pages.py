@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import re
 import shutil
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +19,8 @@ from producers import topology
 from producers.publisher import Publisher
 from producers.reader import parse_request
 from producers.sample import generate_requests
-from tests.support.api_support import OPERATOR, empty_api_tables, serving
-from tests.support.harness import make_settings, queue_depth, running_worker, wait_for
+from tests.support.api_support import OPERATOR, serving
+from tests.support.harness import queue_depth, running_worker, wait_for
 from worker.settings import Settings
 
 SHOTS = Path(__file__).resolve().parents[2] / ".eglo" / "console"
@@ -35,14 +34,6 @@ async def _column(page: Any, table: str, index: int) -> list[str]:
         f"#{table} tbody tr", f"rows => rows.map(r => r.cells[{index}].innerText.trim())"
     )
     return cells
-
-
-@pytest.fixture
-async def settings(
-    amqp_url: str, database_url: str, pool: asyncpg.Pool, emulator: str
-) -> AsyncIterator[Settings]:
-    await empty_api_tables(pool)
-    yield make_settings(amqp_url, database_url, emulator, api_max_wait_s=20)
 
 
 async def _populate(
