@@ -12,17 +12,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import resource
+import tempfile
 import time
 import uuid
+from pathlib import Path
 
 import aio_pika
 import asyncpg
 
-from benchmarks.harness import declare_events_queue
-from db.migrate import migrate
-from db.pool import connect
+from benchmarks.harness import Bench, declare_events_queue, open_bench
 from producers import topology
-from tests.support import infra
 from worker.observability.metrics import Metrics
 from worker.runtime.outbox import OutboxRelay
 
@@ -37,36 +36,25 @@ def _cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-async def _once(server_url: str, events: int, window: int) -> str:
-    name = f"relay_alone_{uuid.uuid4().hex[:6]}"
-    admin = await asyncpg.connect(server_url)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    db_url = infra.with_database(server_url, name)
-    conn = await connect(db_url)
-    await migrate(conn)
-    await conn.close()
-    try:
-        with infra.fresh_vhost() as amqp_url:
-            await declare_events_queue(amqp_url)
-            pool = await asyncpg.create_pool(db_url, min_size=2, max_size=4)
-            outcome, requested = b'{"x":' + b"1" * 1500 + b"}", b'{"e":1}' * 30
-            rows = []
-            for _ in range(events // 2):
-                rows.append((uuid.uuid4(), "eglo.events", "run.completed.forecast", outcome))
-                rows.append((uuid.uuid4(), "eglo.events", "embedding.requested", requested))
-            await pool.executemany(_INSERT, rows)
-            broker = await aio_pika.connect_robust(amqp_url)
-            channel = await broker.channel(publisher_confirms=True)
-            await topology.declare(channel)
-            relay = OutboxRelay(pool, channel, Metrics(), batch=500, poll_s=0.5, window=window)
-            started, cpu = time.perf_counter(), _cpu_s()
-            sent = await relay.flush()
-            took, cpu = time.perf_counter() - started, _cpu_s() - cpu
-            await broker.close()
-            await pool.close()
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+async def _once(bench: Bench, events: int, window: int) -> str:
+    async with bench.world("relay-alone") as world:
+        await declare_events_queue(world.amqp_url)
+        pool = await asyncpg.create_pool(world.db_url, min_size=2, max_size=4)
+        outcome, requested = b'{"x":' + b"1" * 1500 + b"}", b'{"e":1}' * 30
+        rows = []
+        for _ in range(events // 2):
+            rows.append((uuid.uuid4(), "eglo.events", "run.completed.forecast", outcome))
+            rows.append((uuid.uuid4(), "eglo.events", "embedding.requested", requested))
+        await pool.executemany(_INSERT, rows)
+        broker = await aio_pika.connect_robust(world.amqp_url)
+        channel = await broker.channel(publisher_confirms=True)
+        await topology.declare(channel)
+        relay = OutboxRelay(pool, channel, Metrics(), batch=500, poll_s=0.5, window=window)
+        started, cpu = time.perf_counter(), _cpu_s()
+        sent = await relay.flush()
+        took, cpu = time.perf_counter() - started, _cpu_s() - cpu
+        await broker.close()
+        await pool.close()
     return (
         f"window {window}: {sent} events in {took:.2f} s = {sent / took:,.0f}/s; "
         f"relay CPU {cpu * 1e6 / max(sent, 1):.0f} µs per event"
@@ -74,10 +62,11 @@ async def _once(server_url: str, events: int, window: int) -> str:
 
 
 async def main(events: int, windows: list[int]) -> None:
-    infra.ensure_local_rabbitmq()
-    with infra.postgres_server() as server_url:
-        for window in windows:
-            print(await _once(server_url, events, window), flush=True)
+    """A fresh vhost and database per window, as the other benchmarks get (`Bench.world`)."""
+    with tempfile.TemporaryDirectory() as logs:
+        async with open_bench(distinct=4, log_dir=Path(logs), worker_env={}) as bench:
+            for window in windows:
+                print(await _once(bench, events, window), flush=True)
 
 
 if __name__ == "__main__":
