@@ -6,12 +6,14 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from pydantic import TypeAdapter
 
 from contracts.qnn import MalformedResponse, build_predict_body, parse_predict_response
 from contracts.requests import AnyRequest, OptimizationRequest
 from producers.sample import generate_requests
-from worker.core.result_checks import InvalidResult, check_result
+from worker.core.result_checks import InvalidResult, _close_enough_le, _within, check_result
 
 ADAPTER: TypeAdapter[AnyRequest] = TypeAdapter(OptimizationRequest)
 
@@ -136,3 +138,28 @@ def test_simulation_scenarios_are_stored_under_canonical_names() -> None:
     ]
     result, _ = check_result(request, {"scenarios": scenarios}, {})
     assert all(s["result"] == {"forecast": [5.0] * n} for s in result["scenarios"])
+
+
+def test_grid_switch_without_any_dispatch_must_still_meet_load() -> None:
+    """No source dispatched at all: the unserved load alone has to match the load."""
+    request = _request("grid_switch")
+    load = request.payload.load_forecast  # type: ignore[union-attr]
+    with pytest.raises(InvalidResult, match="step 0: supply 0 kW does not meet load"):
+        check_result(request, {"dispatch_kw": {}}, {})
+    stored, _ = check_result(request, {"dispatch_kw": {}, "unserved_kw": list(load)}, {})
+    assert stored["unserved_kw"] == list(load)
+
+
+_VALUES = st.lists(
+    st.floats(min_value=-2.0, max_value=12.0, allow_nan=False, allow_infinity=False)
+    | st.sampled_from([0.0, -0.0, 10.0, 10.0 + 5e-6, 10.0 + 2e-5, -1e-300]),
+    max_size=30,
+)
+
+
+@given(_VALUES)
+def test_range_check_by_extremes_is_the_per_value_check(values: list[float]) -> None:
+    """The bounds are tested on the min and max only; that has to be the per-value definition
+    (every value >= 0 and within the limit, with the solver's slack)."""
+    per_value = all(v >= 0 and _close_enough_le(v, 10.0) for v in values)
+    assert _within(values, 0.0, 10.0) is per_value

@@ -3,7 +3,9 @@ as a success."""
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Iterable
 from typing import Any
 
 from pydantic import ValidationError
@@ -37,6 +39,13 @@ def _close_enough_le(value: float, limit: float) -> bool:
     return value <= limit + TOLERANCE * max(1.0, abs(limit))
 
 
+def _within(series: list[float], low: float, high: float) -> bool:
+    """Every value in [low, high] (high with the solver's slack). The values are finite (the
+    result models refuse NaN and infinities) and the test is monotonic, so the extremes decide:
+    two C-level passes instead of a comparison per value in Python."""
+    return not series or (min(series) >= low and _close_enough_le(max(series), high))
+
+
 def _require(condition: bool, problem: str, problems: list[str]) -> None:
     if not condition:
         problems.append(problem)
@@ -49,7 +58,9 @@ def check_forecast(payload: ForecastPayload, raw: dict[str, Any]) -> ForecastRes
     _require(
         len(result.forecast) == n, f"forecast has {len(result.forecast)} steps, want {n}", problems
     )
-    _require(all(v >= 0 for v in result.forecast), "forecast has negative load", problems)
+    _require(
+        not result.forecast or min(result.forecast) >= 0, "forecast has negative load", problems
+    )
     if result.lower is not None and result.upper is not None:
         _require(
             len(result.lower) == n and len(result.upper) == n,
@@ -76,19 +87,20 @@ def check_storage(payload: StoragePayload, raw: dict[str, Any]) -> StorageResult
         series = getattr(result, name)
         _require(len(series) == n, f"{name} has {len(series)} steps, want {n}", problems)
     _require(
-        all(c >= 0 and _close_enough_le(c, payload.max_charge_kw) for c in result.charge_kw),
+        _within(result.charge_kw, 0.0, payload.max_charge_kw),
         "charge outside [0, max_charge_kw]",
         problems,
     )
     _require(
-        all(d >= 0 and _close_enough_le(d, payload.max_discharge_kw) for d in result.discharge_kw),
+        _within(result.discharge_kw, 0.0, payload.max_discharge_kw),
         "discharge outside [0, max_discharge_kw]",
         problems,
     )
     _require(
-        all(
-            _close_enough_le(payload.soc_min_kwh, s) and _close_enough_le(s, payload.soc_max_kwh)
-            for s in result.soc_kwh
+        not result.soc_kwh
+        or (
+            _close_enough_le(payload.soc_min_kwh, min(result.soc_kwh))
+            and _close_enough_le(max(result.soc_kwh), payload.soc_max_kwh)
         ),
         "state of charge outside [soc_min_kwh, soc_max_kwh]",
         problems,
@@ -111,19 +123,24 @@ def check_grid_switch(payload: GridSwitchPayload, raw: dict[str, Any]) -> GridSw
             len(series) == n, f"dispatch for {name} has {len(series)} steps, want {n}", problems
         )
         _require(
-            all(v >= 0 and _close_enough_le(v, capacity[name]) for v in series),
+            _within(series, 0.0, capacity[name]),
             f"dispatch for {name} outside [0, capacity_kw]",
             problems,
         )
     unserved = result.unserved_kw or [0.0] * n
     _require(
-        len(unserved) == n and all(u >= 0 for u in unserved),
+        len(unserved) == n and (not unserved or min(unserved) >= 0),
         "unserved_kw has the wrong length or negative values",
         problems,
     )
     if not problems:
-        for step, load in enumerate(payload.load_forecast):
-            supplied = sum(series[step] for series in result.dispatch_kw.values()) + unserved[step]
+        # Per step, summed across sources in C (map over the columns) rather than indexed.
+        columns = list(result.dispatch_kw.values())
+        supplies: Iterable[float] = (
+            map(sum, zip(*columns, strict=True)) if columns else itertools.repeat(0.0, n)
+        )
+        for step, (supplied, load) in enumerate(zip(supplies, payload.load_forecast, strict=True)):
+            supplied += unserved[step]
             if not math.isclose(supplied, load, rel_tol=1e-4, abs_tol=1e-3):
                 problems.append(f"step {step}: supply {supplied:g} kW does not meet load {load:g}")
                 break
