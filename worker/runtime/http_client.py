@@ -283,7 +283,7 @@ async def call(
     deadline = asyncio.timeout(limits.deadline_s)
     try:
         async with deadline:
-            response = await client.send(request, stream=True)
+            response = await _send(client, request)
             try:
                 body = await read_limited(response, limits.max_response_bytes)
             finally:
@@ -305,6 +305,14 @@ async def call(
         _observe(on_failure, reason)
         raise PeerFailure(reason) from None
     return Reply(response.status_code, response.headers, body)
+
+
+async def _send(client: httpx.AsyncClient, request: httpx.Request) -> httpx.Response:
+    """`client.send(request, stream=True)` without what eglo's peers never use: auth flows
+    (keys travel as a default header), the redirect loop (never followed), a cookie jar (machine
+    APIs) and a log line per request. On the hot path those cost more CPU than the transport's own
+    work (docs/performance.md). The transport is the client's, so a `MockTransport` still works."""
+    return await client._transport_for_url(request.url).handle_async_request(request)
 
 
 def _observe(on_failure: FailureObserver | None, reason: str) -> None:
