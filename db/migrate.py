@@ -67,13 +67,17 @@ class SchemaStatus:
 
     def describe(self) -> str:
         """One line for /readyz and `eglo migrate --check`, e.g. "schema at 0003, code needs
-        0004"."""
+        0004", or "schema at 0006, code needs 0006 (missing 0005)" when one was skipped."""
         needs = version_number(self.shipped[-1]) if self.shipped else "none"
         if self.current:
             return f"schema at {needs}, current"
         if not self.applied:
             return f"schema missing, code needs {needs}"
-        return f"schema at {version_number(max(self.applied))}, code needs {needs}"
+        newest = max(self.applied)
+        line = f"schema at {version_number(newest)}, code needs {needs}"
+        gaps = [version_number(v) for v in self.pending if v < newest]
+        # A version skipped below the newest applied one (not just the newest ones pending).
+        return f"{line} (missing {', '.join(gaps)})" if gaps else line
 
 
 async def schema_status(conn: asyncpg.Connection) -> SchemaStatus:

@@ -16,6 +16,7 @@ import pytest
 from aio_pika.abc import AbstractRobustConnection
 
 from contracts.topology import request_routing_key
+from db.migrate import migration_files, version_number
 from producers import topology
 from producers.publisher import Publisher
 from producers.reader import parse_request
@@ -332,12 +333,14 @@ async def test_health_reports_each_component(settings: Settings, pool: asyncpg.P
         assert health["status"] == "ok"
         assert {health[c]["state"] for c in ("broker", "database", "qnn")} == {"up"}
         # A database whose schema is older than the code (0005_api not applied) is not ready.
+        newest = version_number(migration_files()[-1][0])
         await pool.execute("DELETE FROM schema_migrations WHERE version = '0005_api'")
         try:
             response = await client.get("/health")
             assert response.status_code == 503
             assert response.json()["database"]["state"] == "down"
-            assert "code needs 0005" in response.json()["database"]["detail"]
+            detail = response.json()["database"]["detail"]
+            assert f"code needs {newest} (missing 0005)" in detail
             assert (await client.get("/readyz")).status_code == 503
         finally:
             await pool.execute("INSERT INTO schema_migrations (version) VALUES ('0005_api')")

@@ -1,15 +1,18 @@
-"""The outbox relay after a broker node loss: no rows held while the channel is down, and at most
-`window` events unconfirmed at any moment (so at most that many sent twice)."""
+"""The outbox relay: its direct path (a commit's events sent from memory, their rows leased) and its
+polling path; after a broker node loss no rows held while the channel is down, and at most `window`
+events unconfirmed at any moment (so at most that many sent twice)."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from typing import Any
 
 import asyncpg
 
 from tests.support.harness import wait_for
+from worker.core.records import OutboxEvent
 from worker.observability.metrics import Metrics
 from worker.runtime.outbox import OutboxRelay
 
@@ -47,11 +50,29 @@ class _Channel:
         return self.underlay
 
 
-async def _events(pool: asyncpg.Pool, n: int) -> None:
+async def _events(pool: asyncpg.Pool, n: int, *, lease_s: float | None = None) -> list[OutboxEvent]:
+    """n outcome events in the outbox; with `lease_s`, leased as the store writes them."""
+    events = [
+        OutboxEvent(uuid.uuid4(), "eglo.events", "run.completed.forecast", b"{}") for _ in range(n)
+    ]
     await pool.executemany(
-        "INSERT INTO outbox (event_id, exchange, routing_key, body) VALUES ($1, $2, $3, $4)",
-        [(uuid.uuid4(), "eglo.events", "run.completed.forecast", b"{}") for _ in range(n)],
+        "INSERT INTO outbox (event_id, exchange, routing_key, body, lease_until)"
+        " VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5::float8))",
+        [(e.event_id, e.exchange, e.routing_key, e.body, lease_s) for e in events],
     )
+    return events
+
+
+async def _committed(relay: OutboxRelay, pool: asyncpg.Pool, runs: int) -> list[OutboxEvent]:
+    """As the store does: `runs` runs committed, their events leased and handed to the relay."""
+    since = time.perf_counter()
+    events = await _events(pool, runs, lease_s=relay.lease_s)
+    relay.committed(runs, events, since)
+    return events
+
+
+async def _direct_sends_done(relay: OutboxRelay) -> None:
+    await wait_for(lambda: not relay._dispatches, within_s=5)
 
 
 def _relay(pool: asyncpg.Pool, channel: _Channel, **kwargs: Any) -> OutboxRelay:
@@ -105,14 +126,51 @@ async def _held(relay: OutboxRelay) -> bool:
     return held
 
 
+async def test_direct_path_sends_a_commits_events_and_marks_them(pool: asyncpg.Pool) -> None:
+    underlay = _Underlay()
+    relay = _relay(pool, _Channel(underlay), window=4)
+    await _committed(relay, pool, 30)
+    await _direct_sends_done(relay)
+    assert underlay.sent == 30
+    assert underlay.most_in_flight == 4  # the window holds on the direct path too
+    assert await _unpublished(pool) == 0
+
+
+async def test_leased_rows_are_left_to_their_direct_send(pool: asyncpg.Pool) -> None:
+    """Polling does not claim a row its own worker is sending (no duplicate), only once the
+    lease has ended (that worker died before marking it)."""
+    underlay = _Underlay()
+    relay = _relay(pool, _Channel(underlay))
+    await _events(pool, 7, lease_s=relay.lease_s)
+    assert await relay.flush() == 0
+    assert underlay.sent == 0
+    await pool.execute("UPDATE outbox SET lease_until = now() - interval '1 second'")
+    assert await relay.flush() == 7
+
+
+async def test_a_failed_direct_send_goes_to_polling_at_once(pool: asyncpg.Pool) -> None:
+    underlay = _Underlay()
+    underlay.confirming.clear()  # the node died after taking the frames
+    relay = _relay(pool, _Channel(underlay), window=10, confirm_timeout_s=0.3)
+    await _committed(relay, pool, 25)
+    await _direct_sends_done(relay)
+    assert underlay.sent == 10
+    assert await _unpublished(pool) == 25
+    leased = await pool.fetchval("SELECT count(*) FROM outbox WHERE lease_until IS NOT NULL")
+    assert leased == 0  # released, not left until the lease ends
+    underlay.confirming.set()
+    assert await relay.flush() == 25
+
+
 async def test_new_requests_wait_while_announcing_trails_committing(pool: asyncpg.Pool) -> None:
     underlay = _Underlay()
     underlay.confirming.clear()
     relay = _relay(pool, _Channel(underlay), max_unannounced=10, confirm_timeout_s=0.3)
-    await _events(pool, 12)
-    relay.wake(runs=12)  # as the store does after committing 12 runs
+    await _committed(relay, pool, 12)
     assert await _held(relay)
-    await relay.flush()  # nothing confirmed: still held
+    await _direct_sends_done(relay)  # nothing confirmed: still held
+    assert await _held(relay)
+    await relay.flush()
     assert await _held(relay)
     underlay.confirming.set()
     assert await relay.flush() == 12
@@ -121,23 +179,31 @@ async def test_new_requests_wait_while_announcing_trails_committing(pool: asyncp
 
 
 async def test_a_drained_outbox_releases_what_another_relay_announced(pool: asyncpg.Pool) -> None:
-    relay = _relay(pool, _Channel(_Underlay()), max_unannounced=10)
-    relay.wake(runs=30)  # committed here, then sent by another worker's relay
+    underlay = _Underlay()
+    underlay.confirming.clear()
+    relay = _relay(pool, _Channel(underlay), max_unannounced=10, confirm_timeout_s=0.3)
+    await _committed(relay, pool, 30)
+    await _direct_sends_done(relay)
     assert await _held(relay)
+    # Another worker's relay sends them.
+    assert await _relay(pool, _Channel(_Underlay())).flush() == 30
     assert await relay.flush() == 0
     assert not await _held(relay)
 
 
 async def test_stopping_releases_requests_held(pool: asyncpg.Pool) -> None:
-    relay = _relay(pool, _Channel(_Underlay()), max_unannounced=1)
-    relay.wake(runs=5)
+    underlay = _Underlay()
+    underlay.confirming.clear()
+    relay = _relay(pool, _Channel(underlay), max_unannounced=1)
+    await _committed(relay, pool, 5)
     room = asyncio.ensure_future(relay.room())
     await asyncio.sleep(0.05)
     relay.stop()
     assert await asyncio.wait_for(room, 1) > 0
+    underlay.confirming.set()
 
 
-async def test_a_second_lane_sends_what_was_committed_while_a_batch_awaits_confirms(
+async def test_a_commit_is_sent_while_an_earlier_commits_events_await_confirms(
     pool: asyncpg.Pool,
 ) -> None:
     underlay = _Underlay()
@@ -145,11 +211,9 @@ async def test_a_second_lane_sends_what_was_committed_while_a_batch_awaits_confi
     relay = _relay(pool, _Channel(underlay), window=20, confirm_timeout_s=5.0)
     running = asyncio.create_task(relay.run())
     try:
-        await _events(pool, 5)
-        relay.wake(runs=5)
+        await _committed(relay, pool, 5)
         await wait_for(lambda: underlay.sent == 5, within_s=5)
-        await _events(pool, 5)  # committed while the first batch waits for its confirms
-        relay.wake(runs=5)
+        await _committed(relay, pool, 5)  # committed while the first 5 await their confirms
         await wait_for(lambda: underlay.sent == 10, within_s=5)
         assert underlay.most_in_flight == 10
         underlay.confirming.set()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -77,9 +78,12 @@ async def test_a_batch_writes_runs_metrics_anomalies_and_ordered_events(
     assert results == [SaveResult.INSERTED] * 6
     assert _batches(store) == (1.0, 6.0)
     ids = [r.run_id for r in records]
-    assert await pool.fetchval(
-        "SELECT count(*) FROM qnn_execution_metrics WHERE optimization_run_id = ANY($1)", ids
-    ) == 6
+    assert (
+        await pool.fetchval(
+            "SELECT count(*) FROM qnn_execution_metrics WHERE optimization_run_id = ANY($1)", ids
+        )
+        == 6
+    )
     anomaly = await pool.fetchrow(
         "SELECT optimization_run_id, severity, suggested_actions FROM anomalies"
     )
@@ -107,14 +111,20 @@ async def test_duplicates_and_conflicts_write_nothing_of_their_own(
     assert results == [SaveResult.DUPLICATE, SaveResult.CONFLICT, SaveResult.INSERTED]
     assert await pool.fetchval("SELECT count(*) FROM optimization_runs") == 2
     losers = (repeat, reused)
-    assert await pool.fetchval(
-        "SELECT count(*) FROM qnn_execution_metrics WHERE optimization_run_id = ANY($1)",
-        [r.run_id for r in losers],
-    ) == 0
-    assert await pool.fetchval(
-        "SELECT count(*) FROM outbox WHERE event_id = ANY($1)",
-        [e.event_id for r in losers for e in r.events()],
-    ) == 0
+    assert (
+        await pool.fetchval(
+            "SELECT count(*) FROM qnn_execution_metrics WHERE optimization_run_id = ANY($1)",
+            [r.run_id for r in losers],
+        )
+        == 0
+    )
+    assert (
+        await pool.fetchval(
+            "SELECT count(*) FROM outbox WHERE event_id = ANY($1)",
+            [e.event_id for r in losers for e in r.events()],
+        )
+        == 0
+    )
 
 
 async def test_one_new_request_twice_in_a_batch_is_stored_once(
@@ -185,3 +195,43 @@ async def test_a_replayed_failure_is_rerun_in_place_beside_fresh_runs(
     # Replaying the same failure again finds nothing failed to replace: a duplicate.
     again = _record(failed_request, run_id=failed.run_id, replaces_failed=True)
     assert await store.save(again) is SaveResult.DUPLICATE
+
+
+async def test_each_commit_hands_over_the_events_of_the_runs_it_wrote(pool: asyncpg.Pool) -> None:
+    """What the outbox relay's direct path gets: the events of new runs only (not of a duplicate),
+    their rows leased for as long as the store was told."""
+    commits: list[tuple[int, list[Any], float]] = []
+    store = RunStore(
+        pool,
+        Metrics(),
+        batch_max=100,
+        writers=1,
+        on_commit=lambda runs, events, since: commits.append((runs, list(events), since)),
+        lease_s=60.0,
+    )
+    store.start()
+    try:
+        first, second = _requests(2, seed=41)
+        before = time.perf_counter()
+        assert await store.save(_record(first)) is SaveResult.INSERTED
+        assert await store.save(_record(first)) is SaveResult.DUPLICATE
+        assert await store.save(
+            _record(
+                second, status="failed", result=None, error_code="qnn_rejected", error_message="no"
+            )
+        ) is (SaveResult.INSERTED)
+    finally:
+        await store.close()
+    assert [runs for runs, _, _ in commits] == [1, 0, 1]
+    handed = [e for _, events, _ in commits for e in events]
+    assert [e.routing_key for e in handed] == [
+        f"run.completed.{first.request_type}",
+        "embedding.requested",
+        f"run.failed.{second.request_type}",
+    ]
+    assert all(since >= before for _, _, since in commits)
+    rows = await pool.fetch(
+        "SELECT event_id, lease_until > now() + interval '50 s' AS leased FROM outbox"
+    )
+    assert {r["event_id"] for r in rows} == {e.event_id for e in handed}
+    assert all(r["leased"] for r in rows)

@@ -17,7 +17,7 @@ STAGES = (
     "qnn",  # the QNN call, retries included
     "commit_wait",  # handed to the group commit until its transaction starts
     "commit",  # its transaction (the whole batch's)
-    "relay_wait",  # the relay woken for the commit until it claims the batch
+    "relay_wait",  # the commit until its outcome event gets a slot in the confirm window
     "publish_confirm",  # the outcome event's publish until the broker's confirm
 )
 STAGE_BUCKETS = (
@@ -201,7 +201,7 @@ class Metrics:
             "eglo_request_stage_duration_seconds",
             "Where a request's time goes, by stage: queue_wait (published-at header to the "
             "worker starting on it), intake (to the QNN call), qnn, commit_wait (for the group "
-            "commit), commit, relay_wait (relay woken to batch claimed), publish_confirm (the "
+            "commit), commit, relay_wait (commit to a confirm-window slot), publish_confirm (the "
             "outcome event's publish to its confirm).",
             ["stage"],
             buckets=STAGE_BUCKETS,

@@ -113,7 +113,8 @@ class Worker:
             metrics,
             batch_max=settings.db_batch_max,
             writers=settings.db_writers,
-            on_commit=relay.wake,
+            on_commit=relay.committed,
+            lease_s=relay.lease_s,
         )
         breaker = CircuitBreaker(
             failure_threshold=settings.breaker_failure_threshold,

@@ -12,9 +12,9 @@ import asyncio
 import enum
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import asyncpg
 import orjson
@@ -22,7 +22,7 @@ import structlog
 
 from contracts.events import RunOutcome, outcome_routing_key
 from contracts.results import ExecutionMetadata
-from worker.core.records import Reply, RunRecord, outcome_event_id, outcome_reply
+from worker.core.records import OutboxEvent, Reply, RunRecord, outcome_event_id, outcome_reply
 from worker.observability.metrics import Metrics
 
 log = structlog.get_logger(__name__)
@@ -68,8 +68,10 @@ found AS (
 ),
 events AS (
     -- In array order: the relay publishes by outbox id.
-    INSERT INTO outbox (event_id, exchange, routing_key, body, correlation_id, headers)
-    SELECT e.event_id, e.exchange, e.routing_key, e.body, e.correlation_id, e.headers::jsonb
+    INSERT INTO outbox (event_id, exchange, routing_key, body, correlation_id, headers,
+                        lease_until)
+    SELECT e.event_id, e.exchange, e.routing_key, e.body, e.correlation_id, e.headers::jsonb,
+           now() + make_interval(secs => $LEASE::float8)
     FROM unnest($18::uuid[], $19::uuid[], $20::text[], $21::text[], $22::bytea[], $23::text[],
                 $24::text[]) WITH ORDINALITY
          AS e(run_id, event_id, exchange, routing_key, body, correlation_id, headers, n)
@@ -79,8 +81,7 @@ events AS (
 SELECT id FROM saved
 """
 
-_INSERT_RUNS = (
-    """
+_INSERT_RUNS = """
 WITH saved AS (
     INSERT INTO optimization_runs (
         id, request_id, request_type, region, forecast_date, input_payload, request_fingerprint,
@@ -97,13 +98,10 @@ WITH saved AS (
               attempts, published_at)
     ON CONFLICT (request_id) DO NOTHING
     RETURNING id
-),"""
-    + _SAVE_DEPENDENTS
-)
+),""" + _SAVE_DEPENDENTS.replace("$LEASE", "$40")
 
 # A replayed request re-running a stored failed run updates that row in place.
-_REPLACE_FAILED = (
-    """
+_REPLACE_FAILED = """
 WITH saved AS (
     UPDATE optimization_runs AS r
     SET status = t.status, result_payload = t.result_payload::jsonb, error_code = t.error_code,
@@ -115,9 +113,7 @@ WITH saved AS (
               attempts)
     WHERE r.id = t.id AND r.status = 'failed'
     RETURNING r.id
-),"""
-    + _SAVE_DEPENDENTS
-)
+),""" + _SAVE_DEPENDENTS.replace("$LEASE", "$33")
 
 _FIND = """
 SELECT request_id, id::text AS run_id, request_fingerprint, status
@@ -145,8 +141,16 @@ def _json(value: object) -> str | None:
     return None if value is None else orjson.dumps(value).decode()
 
 
+class OnCommit(Protocol):
+    def __call__(self, runs: int, events: Sequence[OutboxEvent], since: float) -> None: ...
+
+
 class RunStore:
-    """Group-committing writer of run records; `save` returns once its record is committed."""
+    """Group-committing writer of run records; `save` returns once its record is committed.
+
+    After each commit `on_commit` gets the number of runs written, their events and when the
+    write began (perf_counter); no relay claims those events' rows for `lease_s` seconds from the
+    commit, so the caller may publish them straight away (the outbox relay's direct path)."""
 
     def __init__(
         self,
@@ -155,17 +159,19 @@ class RunStore:
         *,
         batch_max: int,
         writers: int,
-        on_commit: Callable[[int], None] = lambda runs: None,
+        on_commit: OnCommit | None = None,
+        lease_s: float = 0.0,
     ) -> None:
         self._pool = pool
         self._metrics = metrics
         self._batch_max = batch_max
         self._writer_count = writers
         self._on_commit = on_commit
+        self._lease_s = lease_s
         # Each record with when it was handed over (perf_counter), for the commit_wait stage.
-        self._queue: asyncio.Queue[
-            tuple[tuple[RunRecord, float], asyncio.Future[SaveResult]]
-        ] = asyncio.Queue()
+        self._queue: asyncio.Queue[tuple[tuple[RunRecord, float], asyncio.Future[SaveResult]]] = (
+            asyncio.Queue()
+        )
         self._lookups: asyncio.Queue[tuple[str, asyncio.Future[StoredRun | None]]] = asyncio.Queue()
         self._writers: list[asyncio.Task[None]] = []
 
@@ -264,7 +270,7 @@ class RunStore:
             for (_, handed_over), _ in batch:
                 waited.observe(started - handed_over)
             try:
-                results = await self._write_isolating_bad_rows([r for (r, _), _ in batch])
+                results, events = await self._write_isolating_bad_rows([r for (r, _), _ in batch])
             except asyncio.CancelledError:
                 _fail(batch, RuntimeError("store closed before commit"))
                 raise
@@ -286,41 +292,54 @@ class RunStore:
                     future.set_exception(result)
                 else:
                     future.set_result(result)
-            self._on_commit(sum(r is SaveResult.INSERTED for r in results))
+            if self._on_commit is not None:
+                self._on_commit(sum(r is SaveResult.INSERTED for r in results), events, started)
 
     async def _write_isolating_bad_rows(
         self, records: list[RunRecord]
-    ) -> list[SaveResult | Exception]:
-        """Write the batch; if a row breaks a constraint, write one by one so only it fails."""
+    ) -> tuple[list[SaveResult | Exception], list[OutboxEvent]]:
+        """Write the batch; if a row breaks a constraint, write one by one so only it fails.
+        Also returns the events of the runs written."""
         try:
-            return list(await self._write(records))
+            written, events = await self._write(records)
+            return list(written), events
         except asyncpg.IntegrityConstraintViolationError:
             if len(records) == 1:
                 raise
         results: list[SaveResult | Exception] = []
+        events = []
         for record in records:
             try:
-                results.extend(await self._write([record]))
+                written, more = await self._write([record])
             except asyncpg.IntegrityConstraintViolationError as exc:
                 log.error("db.row.rejected", request_id=record.request.request_id, error=str(exc))
                 results.append(exc)
-        return results
+                continue
+            results.extend(written)
+            events += more
+        return results, events
 
-    async def _write(self, records: list[RunRecord]) -> list[SaveResult]:
+    async def _write(self, records: list[RunRecord]) -> tuple[list[SaveResult], list[OutboxEvent]]:
         fresh = [r for r in records if not r.replaces_failed]
         reruns = [r for r in records if r.replaces_failed]
+        events = {r.run_id: r.events() for r in records}
+        lease = self._lease_s
         async with self._pool.acquire() as conn:
             if not reruns:
-                saved = await _save(conn, _INSERT_RUNS, fresh, _run_columns(fresh))
+                saved = await _save(conn, _INSERT_RUNS, fresh, _run_columns(fresh), events, lease)
             else:  # rare (an operator's replay): both kinds in one transaction
                 async with conn.transaction():
-                    saved = await _save(conn, _INSERT_RUNS, fresh, _run_columns(fresh))
+                    saved = await _save(
+                        conn, _INSERT_RUNS, fresh, _run_columns(fresh), events, lease
+                    )
                     columns = _run_columns(reruns)
                     saved |= await _save(
                         conn,
                         _REPLACE_FAILED,
                         reruns,
                         [columns[i] for i in (0, 8, 7, 9, 10, 11, 12, 13)],
+                        events,
+                        lease,
                     )
             existing: dict[str, str] = {}
             others = [r.request.request_id for r in records if r.run_id not in saved]
@@ -329,7 +348,7 @@ class RunStore:
                     row["request_id"]: row["request_fingerprint"]
                     for row in await conn.fetch(_FIND, others)
                 }
-        return [
+        results = [
             SaveResult.INSERTED
             if r.run_id in saved
             else SaveResult.DUPLICATE
@@ -337,19 +356,23 @@ class RunStore:
             else SaveResult.CONFLICT
             for r in records
         ]
+        return results, [e for r in records if r.run_id in saved for e in events[r.run_id]]
 
 
 async def _save(
-    conn: asyncpg.Connection, sql: str, records: list[RunRecord], run_columns: list[list[object]]
+    conn: asyncpg.Connection,
+    sql: str,
+    records: list[RunRecord],
+    run_columns: list[list[object]],
+    events_of: dict[uuid.UUID, list[OutboxEvent]],
+    lease_s: float,
 ) -> set[uuid.UUID]:
     """Run one save statement; the ids of the runs it wrote (the rest were already stored)."""
     if not records:
         return set()
     with_metrics = [r for r in records if r.metadata is not None or r.call_attempts]
-    found = [
-        (r, i, a) for r in records for i, a in zip(r.anomaly_ids(), r.anomalies, strict=True)
-    ]
-    events = [(r.run_id, e) for r in records for e in r.events()]
+    found = [(r, i, a) for r in records for i, a in zip(r.anomaly_ids(), r.anomalies, strict=True)]
+    events = [(r.run_id, e) for r in records for e in events_of[r.run_id]]
     rows = await conn.fetch(
         sql,
         *_metric_columns(with_metrics),
@@ -369,6 +392,7 @@ async def _save(
         [e.correlation_id for _, e in events],
         [_json(e.headers) if e.headers else None for _, e in events],
         *run_columns,
+        lease_s,
     )
     return {row["id"] for row in rows}
 
