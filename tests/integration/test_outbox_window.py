@@ -162,6 +162,23 @@ async def test_a_failed_direct_send_goes_to_polling_at_once(pool: asyncpg.Pool) 
     assert await relay.flush() == 25
 
 
+async def test_a_direct_send_on_a_closed_channel_goes_to_polling_at_once(
+    pool: asyncpg.Pool,
+) -> None:
+    underlay = _Underlay()
+    underlay.is_closed = True  # the connection dropped between the commit and the send
+    relay = _relay(pool, _Channel(underlay), max_unannounced=5)
+    await _committed(relay, pool, 8)
+    await _direct_sends_done(relay)
+    assert underlay.sent == 0
+    leased = await pool.fetchval("SELECT count(*) FROM outbox WHERE lease_until IS NOT NULL")
+    assert leased == 0
+    assert await _held(relay)  # still unannounced
+    underlay.is_closed = False
+    assert await relay.flush() == 8
+    assert not await _held(relay)
+
+
 async def test_new_requests_wait_while_announcing_trails_committing(pool: asyncpg.Pool) -> None:
     underlay = _Underlay()
     underlay.confirming.clear()

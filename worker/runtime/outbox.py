@@ -268,6 +268,8 @@ class OutboxRelay:
                 await asyncio.gather(*(send(e) for e in events), return_exceptions=True)
         except TimeoutError as exc:
             failures.append(exc)
+        if len(published) < len(events) and not failures:
+            failures.append(_NotSent("the channel was closed"))
         if failures:
             log.warning(
                 "outbox.publish.unconfirmed",
