@@ -179,6 +179,36 @@ async def test_a_direct_send_on_a_closed_channel_goes_to_polling_at_once(
     assert not await _held(relay)
 
 
+class _FlakyPool:
+    """The pool, but marking rows published fails `failures` times first (a database blip)."""
+
+    def __init__(self, pool: asyncpg.Pool, failures: int) -> None:
+        self._pool = pool
+        self.failures = failures
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pool, name)
+
+    async def execute(self, sql: str, *args: Any) -> str:
+        if sql.startswith("UPDATE outbox SET published_at") and self.failures:
+            self.failures -= 1
+            raise ConnectionResetError("the database went away")
+        return str(await self._pool.execute(sql, *args))
+
+
+async def test_a_database_blip_after_the_confirms_does_not_send_them_again(
+    pool: asyncpg.Pool,
+) -> None:
+    underlay = _Underlay()
+    flaky = _FlakyPool(pool, failures=2)
+    relay = OutboxRelay(flaky, _Channel(underlay), Metrics(), batch=500, poll_s=0.05)  # type: ignore[arg-type]
+    await _committed(relay, pool, 6)
+    await _direct_sends_done(relay)
+    assert flaky.failures == 0
+    assert await _unpublished(pool) == 0  # marked on the third try, within the lease
+    assert underlay.sent == 6
+
+
 async def test_new_requests_wait_while_announcing_trails_committing(pool: asyncpg.Pool) -> None:
     underlay = _Underlay()
     underlay.confirming.clear()

@@ -182,7 +182,7 @@ class OutboxRelay:
             sent = {e.event_id for e in published}
             unsent = [e.event_id for e in events if e.event_id not in sent] if failures else []
             if published:
-                await self._pool.execute(_MARK, list(sent))
+                await self._mark(list(sent), until=since + self.lease_s)
             if unsent:
                 await self._pool.execute(_RELEASE, unsent)
                 self._wakeup.set()
@@ -193,6 +193,20 @@ class OutboxRelay:
             self._sending -= runs
             self._left += runs - sum(map(_is_outcome, published))
             self._update_room()
+
+    async def _mark(self, event_ids: list[object], *, until: float) -> None:
+        """Mark confirmed events published, retrying (a database blip) until their lease ends:
+        every mark that lands is an event no relay sends again."""
+        delay = 0.1
+        while True:
+            try:
+                await self._pool.execute(_MARK, event_ids)
+                return
+            except Exception:
+                if self._stopping or time.perf_counter() + delay > until:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 2.0)
 
     async def _relay_batch(self) -> tuple[int, int]:
         """The polling path: claim a batch, send it, mark what was confirmed, in one
