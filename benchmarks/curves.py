@@ -8,6 +8,10 @@ offered at each share of that maximum (lowest first, `Publisher.publish_many(rat
 fixed time each and timed as in the other latency figures (harness.measure_latency). eglo also
 gets one point at the baseline's half load, when the baseline's maximum is known, so the two can
 be compared at the same absolute load. eglo's stage histograms are read per point.
+
+A single 15 s point on this shared machine can move a tail by tens of ms, so each point may be
+run `repeat` times back to back (fresh requests each time): the point then reports the run with
+the median p99, and the p99 of every run beside it.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ class CurvePoint:
     consumer_cpu_per_1000: float
     foreign_cores: float = 0.0  # other work on the machine meanwhile (the harness' unaccounted)
     stages: dict[str, dict[str, float]] = field(default_factory=dict)  # eglo only
+    p99_runs: list[float] = field(default_factory=list)  # every run's p99, when repeated
 
 
 @dataclass
@@ -63,8 +68,9 @@ class Curve:
     title: str
     maximum: float  # runs/s taken as 100 %
     maximum_basis: str
-    seconds: float  # of offered load per point
+    seconds: float  # of offered load per point (per run)
     points: list[CurvePoint] = field(default_factory=list)
+    repeat: int = 1  # runs per point
     exit_codes: list[int] = field(default_factory=list)
 
 
@@ -81,6 +87,7 @@ async def measure_curve(
     shares: Sequence[float] = SHARES,
     extra: Sequence[tuple[str, float]] = (),
     metrics_port: int | None = None,
+    repeat: int = 1,
 ) -> Curve:
     """One pipeline's curve; `extra` = (label, absolute rate) points beside the shares."""
     async with bench.world(f"curve-{name}") as world:
@@ -104,7 +111,7 @@ async def measure_curve(
             await measure_latency(
                 world, bench.workload.requests(max(20, int(warm * 2)), f"{name}-warm"), warm
             )
-            curve = Curve(name, title, maximum, maximum_basis, seconds)
+            curve = Curve(name, title, maximum, maximum_basis, seconds, repeat=repeat)
             wanted = [(f"{share * 100:g} %", share * maximum) for share in shares]
             wanted += [(label, rate) for label, rate in extra if rate > 0]
             for index, (label, rate) in enumerate(sorted(wanted, key=lambda lr: lr[1])):
@@ -113,15 +120,22 @@ async def measure_curve(
                 before = stages.scrape(metrics_port) if metrics_port else {}
                 cpu0 = probes.cpu()["consumer"]
                 t0 = time.perf_counter()
-                latency = await measure_latency(
-                    world,
-                    bench.workload.requests(count, f"{name}-c{index}"),
-                    rate,
-                    probes=probes,
-                )
+                runs = [
+                    await measure_latency(
+                        world,
+                        bench.workload.requests(count, f"{name}-c{index}r{run}"),
+                        rate,
+                        probes=probes,
+                    )
+                    for run in range(repeat)
+                ]
                 cpu = probes.cpu()["consumer"] - cpu0
                 elapsed = time.perf_counter() - t0
-                unaccounted = latency.cpu_per_1000.get("unaccounted", 0.0) * latency.received / 1000
+                latency = _median_run(runs)
+                received = sum(r.received for r in runs)
+                unaccounted = sum(
+                    r.cpu_per_1000.get("unaccounted", 0.0) * r.received / 1000 for r in runs
+                )
                 breakdown: dict[str, dict[str, float]] = {}
                 if metrics_port:
                     await asyncio.sleep(0.5)  # the last confirms' observations
@@ -135,9 +149,10 @@ async def measure_curve(
                         share=rate / maximum,
                         label=label,
                         latency=latency,
-                        consumer_cpu_per_1000=cpu / max(latency.received, 1) * 1000,
+                        consumer_cpu_per_1000=cpu / max(received, 1) * 1000,
                         foreign_cores=max(unaccounted / elapsed, 0.0),
                         stages=breakdown,
+                        p99_runs=[r.p99_ms for r in runs] if repeat > 1 else [],
                     )
                 )
             check_alive([process])
@@ -147,6 +162,12 @@ async def measure_curve(
         return curve
 
 
+def _median_run(runs: Sequence[Latency]) -> Latency:
+    """The run whose p99 is the median (the lower middle of an even count); NaN sorts last."""
+    ranked = sorted(runs, key=lambda r: (math.isnan(r.p99_ms), r.p99_ms))
+    return ranked[(len(ranked) - 1) // 2]
+
+
 async def eglo_curve(
     bench: Bench,
     *,
@@ -154,6 +175,7 @@ async def eglo_curve(
     drain_requests: int,
     seconds: float,
     baseline_maximum: float | None,
+    repeat: int = 1,
 ) -> Curve:
     port = free_port()
 
@@ -172,11 +194,12 @@ async def eglo_curve(
         seconds=seconds,
         extra=extra,
         metrics_port=port,
+        repeat=repeat,
     )
 
 
 async def baseline_curve(
-    bench: Bench, *, maximum: float | None, drain_requests: int, seconds: float
+    bench: Bench, *, maximum: float | None, drain_requests: int, seconds: float, repeat: int = 1
 ) -> Curve:
     def start(world: World) -> subprocess.Popen[bytes]:
         env = {
@@ -198,6 +221,7 @@ async def baseline_curve(
         maximum_basis="the baseline phase of this run",
         drain_requests=drain_requests,
         seconds=seconds,
+        repeat=repeat,
     )
 
 
@@ -219,16 +243,25 @@ def format_curves(curves: Sequence[Curve]) -> list[str]:
             label = p.label if p.label.endswith("%") else f"{p.label} ({p.share * 100:.0f} %)"
             if p.foreign_cores > DISTURBED_CORES:
                 missing += f" ⚠ other work used {p.foreign_cores:.2f} cores"
+            spread = (
+                f" (runs: {', '.join(num(v) for v in p.p99_runs)})" if len(p.p99_runs) > 1 else ""
+            )
             lines.append(
                 f"| {c.title} | {label} | {num(lat.offered_rate)} | {num(lat.received)}{missing} "
-                f"| {num(lat.p50_ms)} / {num(lat.p95_ms)} / {num(lat.p99_ms)} "
+                f"| {num(lat.p50_ms)} / {num(lat.p95_ms)} / {num(lat.p99_ms)}{spread} "
                 f"| {num(lat.max_ms)} | {num(p.consumer_cpu_per_1000, 2)} |"
             )
     lines.append("")
     lines.append(
         "Maximum (100 %) per pipeline: "
         + "; ".join(f"{c.title} {num(c.maximum)} runs/s ({c.maximum_basis})" for c in curves)
-        + f"; {num(curves[0].seconds)} s of load per point."
+        + f"; {num(curves[0].seconds)} s of load per point"
+        + (
+            f", run {curves[0].repeat} times: each point is the run with the median p99, the "
+            "p99 of every run in brackets."
+            if curves[0].repeat > 1
+            else "."
+        )
     )
     return lines
 

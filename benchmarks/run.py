@@ -60,15 +60,16 @@ class Sizes:
     db_batch: int
     curve_seconds: float  # of offered load per point of the latency curves
     curve_drain_requests: int  # backlog for a curve's maximum when its own phase did not run
+    curve_repeat: int  # runs per point of the latency curves (the median run is reported)
     api_requests: int  # submissions without ?wait= (the API's submit rate)
     api_clients: int  # concurrent HTTP clients for those
     api_wait_rate: float  # req/s of ?wait=5 submissions (open loop)
     api_wait_seconds: float  # of that load
 
 
-FULL = Sizes(20_000, 20_000, 20_000, 100_000, 60.0, 30.0, 400, 4, 100, 15.0, 5_000,
+FULL = Sizes(20_000, 20_000, 20_000, 100_000, 60.0, 30.0, 400, 4, 100, 15.0, 5_000, 3,
              6_000, 32, 50.0, 20.0)
-QUICK = Sizes(1_500, 1_000, 1_500, 5_000, 12.0, 6.0, 100, 4, 100, 4.0, 2_000,
+QUICK = Sizes(1_500, 1_000, 1_500, 5_000, 12.0, 6.0, 100, 4, 100, 4.0, 2_000, 1,
               1_500, 32, 50.0, 10.0)
 
 
@@ -290,6 +291,7 @@ async def _curves(results: Results, bench: Bench, sizes: Sizes) -> None:
             maximum=_finite(base_max),
             drain_requests=sizes.curve_drain_requests,
             seconds=sizes.curve_seconds,
+            repeat=sizes.curve_repeat,
         ),
     )
     if baseline is not None:
@@ -305,6 +307,7 @@ async def _curves(results: Results, bench: Bench, sizes: Sizes) -> None:
             drain_requests=sizes.curve_drain_requests,
             seconds=sizes.curve_seconds,
             baseline_maximum=_finite(base_max),
+            repeat=sizes.curve_repeat,
         ),
     )
     if eglo is not None:
@@ -678,6 +681,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="seconds of offered load per point of the latency curves")
     p.add_argument("--curve-drain-requests", type=int,
                    help="backlog for a curve's maximum when its pipeline's phase did not run")
+    p.add_argument("--curve-repeat", type=int,
+                   help="runs per point of the latency curves; the median run is reported")
     p.add_argument("--api-requests", type=int, help="submissions without ?wait= (API phase)")
     p.add_argument("--api-clients", type=int, help="concurrent HTTP clients for those")
     p.add_argument("--api-wait-rate", type=float, help="req/s of the ?wait=5 load (API phase)")
@@ -719,6 +724,7 @@ def main(argv: list[str] | None = None) -> int:
                 "db_batch": args.db_batch,
                 "curve_seconds": args.curve_seconds,
                 "curve_drain_requests": args.curve_drain_requests,
+                "curve_repeat": args.curve_repeat,
                 "api_requests": args.api_requests,
                 "api_clients": args.api_clients,
                 "api_wait_rate": args.api_wait_rate,

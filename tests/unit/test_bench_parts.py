@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("psutil")  # the bench extra
 
 from benchmarks import api_load, db_ceiling, fair_ceiling
-from benchmarks.curves import Curve, CurvePoint, format_curves, plot
+from benchmarks.curves import Curve, CurvePoint, _median_run, format_curves, plot
 from benchmarks.fixtures import Fixture
 from benchmarks.harness import Latency
 from contracts.qnn import build_predict_body
@@ -131,6 +131,20 @@ def test_curves_are_tabled_and_plotted(tmp_path: Path) -> None:
     path = tmp_path / "curves.png"
     plot(curves, path, "test")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_repeated_curve_point_reports_its_median_run_and_every_runs_p99() -> None:
+    runs = [Latency.from_samples(200, 3, [10.0, 20.0, p99], [1.0], 200) for p99 in (180, 90, 120)]
+    median = _median_run(runs)
+    assert median is runs[2]  # p99 120: the middle of 90, 120, 180
+    assert _median_run(runs[:2]) is runs[1]  # even count: the lower middle
+    missing = Latency.from_samples(200, 3, [], [], 200)
+    assert _median_run([missing, runs[1], runs[0]]) is runs[0]  # NaN (nothing received) last
+    curve = Curve("eglo", "eglo", 400, "test", 15.0, repeat=3)
+    curve.points.append(CurvePoint(0.5, "50 %", median, 2.0, p99_runs=[180, 90, 120]))
+    lines = format_curves([curve])
+    assert "/ 120 (runs: 180, 90, 120) |" in lines[2]
+    assert "run 3 times: each point is the run with the median p99" in lines[-1]
 
 
 def test_api_load_arrivals_even_and_poisson() -> None:
