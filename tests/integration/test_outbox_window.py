@@ -9,7 +9,9 @@ import time
 import uuid
 from typing import Any
 
+import aiormq
 import asyncpg
+from aiormq import spec
 
 from tests.support.harness import wait_for
 from worker.core.records import OutboxEvent
@@ -37,6 +39,20 @@ class _Underlay:
             await self.confirming.wait()
         finally:
             self.in_flight -= 1
+
+
+class _NackingUnderlay(_Underlay):
+    """A channel left broken by a node loss: every publish is nacked (after reaching the
+    queues that could take it, so each one sent may be a duplicate downstream)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.nacking = True
+
+    async def basic_publish(self, body: bytes, **kwargs: Any) -> None:
+        await super().basic_publish(body, **kwargs)
+        if self.nacking:
+            raise aiormq.exceptions.DeliveryError(None, spec.Basic.Nack(multiple=True))
 
 
 class _Channel:
@@ -207,6 +223,35 @@ async def test_a_database_blip_after_the_confirms_does_not_send_them_again(
     assert flaky.failures == 0
     assert await _unpublished(pool) == 0  # marked on the third try, within the lease
     assert underlay.sent == 6
+
+
+async def test_a_channel_that_nacks_everything_is_not_flooded_with_retries(
+    pool: asyncpg.Pool,
+) -> None:
+    """Many commits' sends and the polling path all meet the nacking channel: after the first
+    nack they pause together (0.25, 0.5, 1 s, ...), so in about a second only a few windows
+    go out, not every event again and again."""
+    underlay = _NackingUnderlay()
+    relay = _relay(pool, _Channel(underlay), window=4, confirm_timeout_s=5.0)
+    running = asyncio.create_task(relay.run())
+    try:
+        for _ in range(20):
+            await _committed(relay, pool, 5)
+        await asyncio.sleep(1.2)
+        assert underlay.sent <= 4 * 4  # at most a window per pause, and 3 pauses began
+        underlay.nacking = False
+        await wait_for(lambda: not relay._dispatches, within_s=10)
+        await wait_for(_drained(pool), within_s=10)
+    finally:
+        relay.stop()
+        await asyncio.wait_for(running, 10)
+
+
+def _drained(pool: asyncpg.Pool) -> Any:
+    async def check() -> bool:
+        return await _unpublished(pool) == 0
+
+    return check
 
 
 async def test_new_requests_wait_while_announcing_trails_committing(pool: asyncpg.Pool) -> None:

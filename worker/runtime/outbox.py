@@ -45,6 +45,9 @@ from worker.observability.metrics import Metrics
 
 log = structlog.get_logger(__name__)
 
+_PAUSE_FIRST_S = 0.25
+_PAUSE_MAX_S = 5.0
+
 _CLAIM = """
 SELECT event_id, exchange, routing_key, body, correlation_id, headers
 FROM outbox WHERE published_at IS NULL AND (lease_until IS NULL OR lease_until <= now())
@@ -86,6 +89,11 @@ class OutboxRelay:
         self._stopping = False
         self._max_unannounced = max_unannounced
         self._dispatches: set[asyncio.Task[None]] = set()
+        # After a nack or a missing confirm, nothing is sent by either path until the pause is
+        # over (doubling while it goes on): every send into a channel that nacks may still have
+        # reached some queues, so retrying at once only multiplies duplicates.
+        self._pause_s = 0.0
+        self._paused_until = 0.0
         # Runs this process committed whose outcome event is not yet confirmed: exact for those
         # on the direct path; approximate for those left to polling (another worker's relay may
         # send them), so a claim that finds nothing else unclaimed settles that part: never held
@@ -264,6 +272,9 @@ class OutboxRelay:
             # A sliding window: the next event goes as soon as one is confirmed. After a
             # failure nothing more is sent; the rest wait for the next attempt.
             async with self._slots:
+                # A deadline that a later failure may push back, not an event to wait for.
+                while (pause := self._paused_until - time.perf_counter()) > 0:  # noqa: ASYNC110
+                    await asyncio.sleep(pause)
                 if failures or channel is None or channel.is_closed:
                     raise _NotSent
                 if committed is not None and _is_outcome(event):
@@ -290,12 +301,19 @@ class OutboxRelay:
                 count=len(events) - len(published),
                 error=repr(failures[0])[:300],
             )
-            if channel is not None and any(map(_not_taken, failures)) and not channel.is_closed:
+        if any(map(_not_taken, failures)):
+            # At most half a send's budget, so a send after the pause still has time to go.
+            longest = min(_PAUSE_MAX_S, self._confirm_timeout_s / 2)
+            self._pause_s = min(max(2 * self._pause_s, _PAUSE_FIRST_S), longest)
+            self._paused_until = time.perf_counter() + self._pause_s
+            if channel is not None and not channel.is_closed:
                 # Nacked or never confirmed on a live channel: after a node loss RabbitMQ can
                 # nack everything on that channel for good, so the next attempt goes on a new
                 # one. Not more often than every 5 s: the channel is shared (a full subscriber
                 # queue nacks for longer, and a new channel would not change that).
                 await broker.renew_channel(self._channel, channel, min_interval_s=5.0)
+        elif published and not failures:
+            self._pause_s = 0.0
         for event in published:
             self._metrics.events_published.labels(event_type=_event_type(event)).inc()
         return published, failures
