@@ -99,6 +99,10 @@ async def _unpublished(pool: asyncpg.Pool) -> int:
     return int(await pool.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL"))
 
 
+async def _all_published(pool: asyncpg.Pool) -> bool:
+    return await _unpublished(pool) == 0
+
+
 async def test_at_most_window_events_unconfirmed(pool: asyncpg.Pool) -> None:
     await _events(pool, 300)
     underlay = _Underlay()
@@ -241,17 +245,10 @@ async def test_a_channel_that_nacks_everything_is_not_flooded_with_retries(
         assert underlay.sent <= 4 * 4  # at most a window per pause, and 3 pauses began
         underlay.nacking = False
         await wait_for(lambda: not relay._dispatches, within_s=10)
-        await wait_for(_drained(pool), within_s=10)
+        await wait_for(lambda: _all_published(pool), within_s=10)
     finally:
         relay.stop()
         await asyncio.wait_for(running, 10)
-
-
-def _drained(pool: asyncpg.Pool) -> Any:
-    async def check() -> bool:
-        return await _unpublished(pool) == 0
-
-    return check
 
 
 async def test_new_requests_wait_while_announcing_trails_committing(pool: asyncpg.Pool) -> None:
