@@ -15,18 +15,21 @@ Every failure here is transient by nature: the caller retries it like a timeout.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import time
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 from typing import Any, Final, Protocol
 
+import aiohttp
 import httpx
 import orjson
 from httpx_aiohttp import AiohttpTransport
+from httpx_aiohttp.transport import map_aiohttp_exceptions
 
 from worker.observability.logs import redact
 
@@ -68,7 +71,7 @@ class Reply:
     """A response read whole (within the limit), decoded."""
 
     status_code: int
-    headers: httpx.Headers
+    headers: Mapping[str, str]  # case-insensitive (httpx's or aiohttp's)
     content: bytes
 
     @property
@@ -196,24 +199,36 @@ def _through(decoder: _Inflate, pieces: Iterator[bytes], *, final: bool) -> Iter
 
 
 async def read_limited(response: httpx.Response, max_bytes: int) -> bytes:
-    """The decoded body, read as it streams; PeerFailure(too_large) as soon as it passes max_bytes.
+    """The decoded body of an httpx response, read as it streams, within `max_bytes`."""
+    if response.is_stream_consumed:
+        # Read and decoded already (a test's MockTransport): too late to bound, not to refuse.
+        _refuse_declared(response.headers, max_bytes)
+        if len(response.content) > max_bytes:
+            raise PeerFailure(TOO_LARGE, f"body over {max_bytes} bytes")
+        return response.content
+    return await _read_body(response.headers, response.aiter_raw(), max_bytes)
+
+
+def _refuse_declared(headers: Mapping[str, str], max_bytes: int) -> None:
+    declared = headers.get("Content-Length", "")
+    if declared.isdigit() and len(declared) < 20 and int(declared) > max_bytes:
+        raise PeerFailure(TOO_LARGE, f"Content-Length {declared} over {max_bytes} bytes")
+
+
+async def _read_body(
+    headers: Mapping[str, str], chunks: AsyncIterator[bytes], max_bytes: int
+) -> bytes:
+    """The decoded body; PeerFailure(too_large) as soon as it passes max_bytes.
 
     Both the bytes on the wire and the decoded bytes count, so neither a long body nor a
     compression bomb is held beyond the limit (plus one decoding step).
     """
-    declared = response.headers.get("Content-Length", "")
-    if declared.isdigit() and len(declared) < 20 and int(declared) > max_bytes:
-        raise PeerFailure(TOO_LARGE, f"Content-Length {declared} over {max_bytes} bytes")
-    if response.is_stream_consumed:
-        # Read and decoded already (a test's MockTransport): too late to bound, not to refuse.
-        if len(response.content) > max_bytes:
-            raise PeerFailure(TOO_LARGE, f"body over {max_bytes} bytes")
-        return response.content
-    decoders = _decoders(response.headers.get("Content-Encoding", ""))
+    _refuse_declared(headers, max_bytes)
+    decoders = _decoders(headers.get("Content-Encoding", ""))
     body = bytearray()
     raw = 0
     try:
-        async for chunk in response.aiter_raw():
+        async for chunk in chunks:
             raw += len(chunk)
             if raw > max_bytes:
                 raise PeerFailure(TOO_LARGE, f"body over {max_bytes} bytes on the wire")
@@ -233,6 +248,15 @@ async def read_limited(response: httpx.Response, max_bytes: int) -> bytes:
 # --------------------------------------------------------------------------- calls
 
 
+class PeerTransport(AiohttpTransport):
+    """httpx-aiohttp's transport, whose aiohttp session `call` also drives directly."""
+
+    def session(self) -> aiohttp.ClientSession:
+        if not isinstance(self.client, aiohttp.ClientSession):
+            self.client = self.get_client()
+        return self.client
+
+
 def make_client(
     base_url: str,
     *,
@@ -250,7 +274,7 @@ def make_client(
     )
     # The aiohttp transport: httpx's own pool collapses under load.
     http_transport: httpx.AsyncBaseTransport = (
-        AiohttpTransport(limits=limits)
+        PeerTransport(limits=limits)
         if transport == "aiohttp"
         else httpx.AsyncHTTPTransport(limits=limits)
     )
@@ -278,16 +302,36 @@ async def call(
 
     `timeout_s` bounds each phase (connect, each read); `limits.deadline_s` bounds the call.
     """
-    extra: dict[str, Any] = {} if timeout_s is None else {"timeout": timeout_s}
-    request = client.build_request(method, url, content=content, headers=headers, **extra)
     deadline = asyncio.timeout(limits.deadline_s)
     try:
         async with deadline:
-            response = await _send(client, request)
+            target = client._merge_url(url)
+            transport = client._transport_for_url(target)
+            if isinstance(transport, PeerTransport):
+                with map_aiohttp_exceptions():
+                    return await _via_session(
+                        transport.session(),
+                        client,
+                        method,
+                        target,
+                        content,
+                        headers,
+                        timeout_s,
+                        limits.max_response_bytes,
+                    )
+            extra: dict[str, Any] = {} if timeout_s is None else {"timeout": timeout_s}
+            request = client.build_request(
+                method, target, content=content, headers=headers, **extra
+            )
+            # Not `client.send`: eglo's peers use no auth flows (keys travel as a default
+            # header), no redirects (never followed), no cookies, and need no log line per
+            # request; on the hot path those cost more CPU than the transport's own work.
+            response = await transport.handle_async_request(request)
             try:
                 body = await read_limited(response, limits.max_response_bytes)
             finally:
                 await response.aclose()
+            return Reply(response.status_code, response.headers, body)
     except PeerFailure as exc:
         _observe(on_failure, exc.reason)
         raise
@@ -300,19 +344,56 @@ async def call(
     except httpx.TimeoutException:
         _observe(on_failure, TIMEOUT)
         raise PeerFailure(TIMEOUT) from None
-    except (httpx.TransportError, httpx.DecodingError) as exc:
+    except (httpx.TransportError, httpx.DecodingError, aiohttp.ClientError) as exc:
+        # aiohttp's errors that httpx-aiohttp leaves unmapped (a malformed status line, ...).
         reason = f"transport:{type(exc).__name__}"
         _observe(on_failure, reason)
         raise PeerFailure(reason) from None
-    return Reply(response.status_code, response.headers, body)
 
 
-async def _send(client: httpx.AsyncClient, request: httpx.Request) -> httpx.Response:
-    """`client.send(request, stream=True)` without what eglo's peers never use: auth flows
-    (keys travel as a default header), the redirect loop (never followed), a cookie jar (machine
-    APIs) and a log line per request. On the hot path those cost more CPU than the transport's own
-    work (docs/performance.md). The transport is the client's, so a `MockTransport` still works."""
-    return await client._transport_for_url(request.url).handle_async_request(request)
+async def _via_session(
+    session: aiohttp.ClientSession,
+    client: httpx.AsyncClient,
+    method: str,
+    url: httpx.URL,
+    content: bytes | None,
+    headers: Mapping[str, str] | None,
+    timeout_s: float | None,
+    max_bytes: int,
+) -> Reply:
+    """The call on the transport's aiohttp session, as the transport would make it (same pool,
+    same options, aiohttp's errors mapped to httpx's), without building an httpx request and
+    response around it: that wrapping cost as much CPU as aiohttp's own work
+    (docs/performance.md)."""
+    merged = dict(client.headers.items())
+    if headers:
+        merged.update(headers)
+    t = client.timeout
+    timeout = (
+        _timeout(timeout_s, timeout_s, timeout_s)
+        if timeout_s is not None
+        else _timeout(t.connect, t.read, t.pool)
+    )
+    async with session.request(
+        method,
+        str(url),
+        data=content or None,
+        headers=merged,
+        allow_redirects=False,
+        auto_decompress=False,
+        compress=False,
+        timeout=timeout,
+    ) as response:
+        body = await _read_body(response.headers, response.content.iter_any(), max_bytes)
+        return Reply(response.status, response.headers, body)
+
+
+@functools.lru_cache(maxsize=16)
+def _timeout(
+    connect: float | None, read: float | None, pool: float | None
+) -> aiohttp.ClientTimeout:
+    """httpx's phase timeouts as httpx-aiohttp maps them (no total: the deadline is ours)."""
+    return aiohttp.ClientTimeout(sock_connect=connect, sock_read=read, connect=pool)
 
 
 def _observe(on_failure: FailureObserver | None, reason: str) -> None:
