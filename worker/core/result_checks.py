@@ -46,6 +46,10 @@ def _within(series: list[float], low: float, high: float) -> bool:
     return not series or (min(series) >= low and _close_enough_le(max(series), high))
 
 
+def _non_negative(series: list[float]) -> bool:
+    return not series or min(series) >= 0
+
+
 def _require(condition: bool, problem: str, problems: list[str]) -> None:
     if not condition:
         problems.append(problem)
@@ -58,9 +62,7 @@ def check_forecast(payload: ForecastPayload, raw: dict[str, Any]) -> ForecastRes
     _require(
         len(result.forecast) == n, f"forecast has {len(result.forecast)} steps, want {n}", problems
     )
-    _require(
-        not result.forecast or min(result.forecast) >= 0, "forecast has negative load", problems
-    )
+    _require(_non_negative(result.forecast), "forecast has negative load", problems)
     if result.lower is not None and result.upper is not None:
         _require(
             len(result.lower) == n and len(result.upper) == n,
@@ -129,7 +131,7 @@ def check_grid_switch(payload: GridSwitchPayload, raw: dict[str, Any]) -> GridSw
         )
     unserved = result.unserved_kw or [0.0] * n
     _require(
-        len(unserved) == n and (not unserved or min(unserved) >= 0),
+        len(unserved) == n and _non_negative(unserved),
         "unserved_kw has the wrong length or negative values",
         problems,
     )
