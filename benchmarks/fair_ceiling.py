@@ -23,8 +23,16 @@ What it leaves out, and eglo does: request validation, result checks, anomaly de
 duplicate lookup, retries, deadlines, dead-lettering, crash recovery of unpublished events (no
 relay sweep), metrics, tracing, logging. It is a ceiling, not a product.
 
-    python -m benchmarks.fair_ceiling --fixtures FILE   # the consumer process; env EGLO_AMQP_URL,
-                                                        # EGLO_DATABASE_URL, EGLO_QNN_URL
+With `--checks` it also does, per request, the CPU work of eglo's pure core as the worker calls
+it: the request parsed and validated (`worker.core.intake`), its fingerprint, the predict body
+built from the model and the answer parsed (`contracts.qnn`), the result checked
+(`worker.core.result_checks`) and anomalies detected against per-type recent baselines
+(`worker.core.anomalies`); it stores the checked result. Still no duplicate lookup (a query),
+anomaly rows, metrics or retries. Against eglo it prices eglo's runtime alone; against the plain
+ceiling, the checks.
+
+    python -m benchmarks.fair_ceiling --fixtures FILE [--checks]   # the consumer process; env
+                                   # EGLO_AMQP_URL, EGLO_DATABASE_URL, EGLO_QNN_URL
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ import os
 import signal
 import sys
 import time
+from collections import defaultdict, deque
 from pathlib import Path
 from typing import Any, cast
 
@@ -58,8 +67,13 @@ from benchmarks.harness import (
     spawn_module,
     template_index,
 )
-from contracts.qnn import PREDICT_PATH
+from contracts.qnn import PREDICT_PATH, build_predict_body, parse_predict_response
+from contracts.requests import AnyRequest, request_fingerprint
 from producers import topology
+from worker.core import intake
+from worker.core.anomalies import OP_WINDOW, detect_run_anomalies
+from worker.core.result_checks import check_result
+from worker.settings import Settings
 
 EXECUTION_FIELDS = ("model_id", "device", "n_qubits", "circuit_depth", "execution_time_ms",
                     "cost_usd")
@@ -101,6 +115,56 @@ def predict_body(doc: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+class EgloCore:
+    """eglo's pure-core work on one request, as `worker.runtime.pipeline` calls it (--checks)."""
+
+    def __init__(self) -> None:
+        self._settings = Settings()
+        self._latency: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=OP_WINDOW))
+        self._cost: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=OP_WINDOW))
+
+    def parse(self, message: AbstractIncomingMessage) -> AnyRequest:
+        request = intake.parse_request(
+            message.body,
+            message.content_type,
+            max_bytes=self._settings.max_body_bytes,
+            routing_key=message.routing_key,
+        )
+        if isinstance(request, intake.Rejection):  # the sample requests are all valid
+            raise ValueError(request.detail)
+        request_fingerprint(request)
+        return request
+
+    def predict_body(self, request: AnyRequest) -> dict[str, Any]:
+        s = self._settings
+        return build_predict_body(
+            request,
+            model_id=s.qnn_model_id,
+            mode=s.qnn_mode,
+            optimization_level=s.qnn_optimization_level,
+        )
+
+    def check(
+        self, request: AnyRequest, body: bytes, round_trip_ms: float
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The checked result and execution metadata, after anomaly detection on them."""
+        raw_result, raw_metadata = parse_predict_response(request.request_type, body)
+        result, metadata = check_result(request, raw_result, raw_metadata)
+        latencies, costs = self._latency[request.request_type], self._cost[request.request_type]
+        detect_run_anomalies(
+            request,
+            result,
+            latency_ms=round_trip_ms,
+            recent_latency_ms=tuple(latencies),
+            cost_usd=metadata.cost_usd,
+            recent_cost_usd=tuple(costs),
+        )
+        latencies.append(round_trip_ms)
+        if metadata.cost_usd is not None:
+            costs.append(metadata.cost_usd)
+        return result, metadata.model_dump(mode="json")
+
+
 async def serve(
     amqp_url: str,
     db_url: str,
@@ -111,8 +175,10 @@ async def serve(
     writers: int,
     batch: int,
     qnn_connections: int,
+    checks: bool = False,
 ) -> int:
     stop = asyncio.Event()
+    core = EgloCore() if checks else None
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -140,10 +206,16 @@ async def serve(
         async def handle(message: AbstractIncomingMessage) -> None:
             doc = orjson.loads(message.body)
             request_id = doc["request_id"]
+            request = None
+            if core is None:
+                sent = predict_body(doc)
+            else:
+                request = core.parse(message)
+                sent = core.predict_body(request)
             started = time.perf_counter()
             try:
                 async with session.post(
-                    predict_url, data=orjson.dumps(predict_body(doc)), headers=_JSON
+                    predict_url, data=orjson.dumps(sent), headers=_JSON
                 ) as response:
                     body = await response.read()
                     if response.status != 200:
@@ -152,14 +224,18 @@ async def serve(
                 await message.nack(requeue=True)
                 return
             round_trip_ms = (time.perf_counter() - started) * 1000
-            answer = orjson.loads(body)["data"]
-            raw_execution = answer.get("execution") or {}
+            if core is None or request is None:
+                answer = orjson.loads(body)["data"]
+                result = answer["prediction"]
+                raw_execution = answer.get("execution") or {}
+            else:
+                result, raw_execution = core.check(request, body, round_trip_ms)
             execution = {k: raw_execution[k] for k in EXECUTION_FIELDS if k in raw_execution}
             written = db_ceiling.Written(
                 request_id,
                 fixtures[template_index(request_id, n)],
                 doc,
-                answer["prediction"],
+                result,
                 execution,
                 round_trip_ms,
             )
@@ -226,10 +302,12 @@ async def run(
     prefetch: int = 256,
     writers: int = 2,
     batch: int = 100,
+    checks: bool = False,
 ) -> tuple[Drain, Latency | None]:
     """Drain a backlog of `requests` (throughput, CPU), then time requests at `latency_rate`
     (None: at half the maximum just measured)."""
-    async with bench.world("fair-ceiling") as world:
+    name = "fair-ceiling-checks" if checks else "fair-ceiling"
+    async with bench.world(name) as world:
         await declare_events_queue(world.amqp_url)
         await publish_backlog(world.amqp_url, bench.workload.requests(requests, "fair"))
         process = spawn_module(
@@ -239,16 +317,17 @@ async def run(
                 "--prefetch", str(prefetch),
                 "--writers", str(writers),
                 "--batch", str(batch),
+                *(["--checks"] if checks else []),
             ],
             {
                 "EGLO_AMQP_URL": world.amqp_url,
                 "EGLO_DATABASE_URL": world.db_url,
                 "EGLO_QNN_URL": bench.qnn_url,
             },
-            world.log_dir / "fair-ceiling.log",
+            world.log_dir / f"{name}.log",
         )
         return await drain_then_time(
-            bench, world, process, requests, latency_rate, latency_seconds, "fair-lat"
+            bench, world, process, requests, latency_rate, latency_seconds, f"{name}-lat"
         )
 
 
@@ -259,6 +338,7 @@ def main() -> int:
     parser.add_argument("--writers", type=int, default=2, help="transactions committing at once")
     parser.add_argument("--batch", type=int, default=100, help="most requests per transaction")
     parser.add_argument("--qnn-connections", type=int, default=128)
+    parser.add_argument("--checks", action="store_true", help="also do eglo's pure-core work")
     args = parser.parse_args()
     fixtures = [Fixture.from_json(doc) for doc in orjson.loads(args.fixtures.read_bytes())]
     import uvloop
@@ -273,6 +353,7 @@ def main() -> int:
             writers=args.writers,
             batch=args.batch,
             qnn_connections=args.qnn_connections,
+            checks=args.checks,
         )
     )
 

@@ -87,6 +87,7 @@ class Results:
     amqp: tuple[Drain, Latency | None] | None = None
     amqp_latency_basis: str = ""
     fair: tuple[Drain, Latency | None] | None = None
+    fair_checks: tuple[Drain, Latency | None] | None = None
     fair_latency_basis: str = ""
     eglo: e2e.E2E | None = None
     baseline: e2e.E2E | None = None
@@ -220,6 +221,13 @@ async def run(args: argparse.Namespace, sizes: Sizes, results: Results, log_dir:
                 "fair",
                 lambda: fair_ceiling.run(
                     bench, fixtures_path, sizes.requests, rate, sizes.latency_seconds
+                ),
+            )
+            results.fair_checks = await _phase(
+                results,
+                "fair-checks",
+                lambda: fair_ceiling.run(
+                    bench, fixtures_path, sizes.requests, rate, sizes.latency_seconds, checks=True
                 ),
             )
         if "amqp" in phases:
@@ -415,6 +423,19 @@ def format_results(r: Results) -> str:
         )
     elif "fair" in r.errors:
         lines.append(_error_row("7 | fair ceiling", r, "fair"))
+    if r.fair_checks is not None:
+        d, lat = r.fair_checks
+        commits = f" (commits {num(d.commits_per_s)})" if d.commits_per_s else ""
+        lines.append(
+            f"| 7b | fair ceiling + eglo's core (`--checks`): the same, plus eglo's pure-core "
+            f"work per request (request validation, fingerprint, predict body, answer parsing, "
+            f"result checks, anomaly detection) "
+            f"| {num(d.requests)} | {num(d.runs_per_s)}{commits}{_disturbed(d)} "
+            f"| {num(_consumer_cpu(d.cpu_per_1000), 2)} (consumer) "
+            f"| {_others(d.cpu_per_1000, set())} | {_lat(lat)} |"
+        )
+    elif "fair-checks" in r.errors:
+        lines.append(_error_row("7b | fair ceiling + eglo's core", r, "fair-checks"))
     for idx, label, res, key in (
         (3, "eglo: 1 `eglo worker` + `eglo emulator --latency-ms 20`", r.eglo, "eglo"),
         (4, "FastStream baseline (`benchmarks/faststream_baseline.py`, prefetch 64)",
@@ -500,6 +521,17 @@ def format_targets(r: Results) -> list[str]:
             )
     else:
         lines.append("| eglo ≥ 80 % of the fair ceiling's throughput | n/a | n/a |")
+    if r.eglo and r.fair_checks and r.fair_checks[0].sustained_per_s:
+        like = r.fair_checks[0]
+        eglo_cpu = _sustained_cpu(r.eglo.drain)
+        like_cpu = _sustained_cpu(like)
+        lines.append(
+            f"| like for like (informational): eglo against the fair ceiling doing eglo's core "
+            f"work too | {num(eglo_sustained or 0)} / {num(like.sustained_per_s)} runs/s = "
+            f"{num(100 * (eglo_sustained or 0) / like.sustained_per_s)} %; worker CPU "
+            f"{num(eglo_cpu, 2)} / {num(like_cpu, 2)} s per 1,000 runs = "
+            f"{num(eglo_cpu / like_cpu, 2)}x | |"
+        )
     if eglo_rate and r.baseline:
         ratio = eglo_rate / r.baseline.drain.runs_per_s
         lines.append(
@@ -579,7 +611,10 @@ def format_details(r: Results) -> list[str]:
         ) + "it does eglo's I/O (consume, one HTTP call, the same rows in batched transactions, "
         "two confirmed events, ack) and none of its checks (no request validation, result "
         "checks, anomaly detection, duplicate lookup, retries, metrics); CPU ratios to it are "
-        "what eglo's safety and features cost per run.",
+        "what eglo's safety and features cost per run. 7b adds the CPU work of eglo's pure core "
+        "(`worker.core`, `contracts.qnn`) to the same hand-written I/O: eglo against 7b is "
+        "eglo's runtime alone (its duplicate lookup, retries, metrics, tracing, hold and relay), "
+        "7b against 7 is the checks.",
         f"- eglo settings: worker env overrides {env}. DB ceiling: Postgres "
         f"{r.environment.get('postgres', '?')}, synchronous_commit="
         f"{r.environment.get('postgres synchronous_commit', '?')}, "
