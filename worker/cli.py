@@ -26,6 +26,14 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
     return uvloop.run(coro)
 
 
+def _serve(coro: Coroutine[Any, Any, int]) -> int:
+    """A long-running service (worker, embedder, API) on a heap settled for it."""
+    from worker.runtime.service import settle_heap
+
+    settle_heap()
+    return _run(coro)
+
+
 def _setup(args: argparse.Namespace, **flags: Any) -> Settings:
     """The settings (environment, then the command's own flags, when given) and logging."""
     from worker.observability import logs, tracing
@@ -101,7 +109,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from worker.runtime.app import run_worker
 
     settings = _setup(args, prefetch=args.prefetch or None)
-    return _run(run_worker(settings, burst=args.burst))
+    return _serve(run_worker(settings, burst=args.burst))
 
 
 async def _publish(settings: Settings, args: argparse.Namespace) -> int:
@@ -205,7 +213,7 @@ def cmd_api(args: argparse.Namespace) -> int:
     keys = (settings.qnn_api_key, settings.embedder_api_key)
     secrets = tuple(s.get_secret_value() for s in keys if s is not None) + tokens.tokens
     logs.configure(settings.log_level, json=settings.log_json, secrets=secrets)
-    return _run(run_api(settings, tokens))
+    return _serve(run_api(settings, tokens))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -238,7 +246,7 @@ def cmd_embedder(args: argparse.Namespace) -> int:
     from worker.embedder.service import run_embedder
 
     settings = _setup(args, embedder_prefetch=args.prefetch or None)
-    return _run(run_embedder(settings, burst=args.burst))
+    return _serve(run_embedder(settings, burst=args.burst))
 
 
 def cmd_similar(args: argparse.Namespace) -> int:
