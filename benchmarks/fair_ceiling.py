@@ -21,7 +21,8 @@ database); this one does all of it, the minimal way, in its own process:
 
 What it leaves out, and eglo does: request validation, result checks, anomaly detection, the
 duplicate lookup, retries, deadlines, dead-lettering, crash recovery of unpublished events (no
-relay sweep), metrics, tracing, logging. It is a ceiling, not a product.
+relay sweep), metrics, tracing, logging. It is a ceiling, not a product. Its process settles its
+heap at start as eglo's service processes do (`worker.runtime.service.settle_heap`).
 
 With `--checks` it also does, per request, the CPU work of eglo's pure core as the worker calls
 it: the request parsed and validated (`worker.core.intake`), its fingerprint, the predict body
@@ -73,6 +74,7 @@ from producers import topology
 from worker.core import intake
 from worker.core.anomalies import OP_WINDOW, detect_run_anomalies
 from worker.core.result_checks import check_result
+from worker.runtime.service import settle_heap
 from worker.settings import Settings
 
 EXECUTION_FIELDS = ("model_id", "device", "n_qubits", "circuit_depth", "execution_time_ms",
@@ -342,6 +344,8 @@ def main() -> int:
     args = parser.parse_args()
     fixtures = [Fixture.from_json(doc) for doc in orjson.loads(args.fixtures.read_bytes())]
     import uvloop
+
+    settle_heap()  # as eglo's service processes: the same process-level tuning for both
 
     return uvloop.run(
         serve(
