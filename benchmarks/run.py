@@ -410,32 +410,34 @@ def format_results(r: Results) -> str:
         )
     else:
         lines.append(_error_row("2 | DB ceiling", r, "db"))
-    if r.fair is not None:
-        d, lat = r.fair
-        commits = f" (commits {num(d.commits_per_s)})" if d.commits_per_s else ""
-        lines.append(
-            f"| 7 | fair ceiling: eglo's pipeline by hand (`benchmarks/fair_ceiling.py`): aio-pika "
-            f"consume (prefetch 256) → 1 aiohttp call to the emulator → the DB ceiling's rows, "
-            f"group commit (2 writers, ≤ 100) → 2 confirmed event publishes → ack "
-            f"| {num(d.requests)} | {num(d.runs_per_s)}{commits}{_disturbed(d)} "
-            f"| {num(_consumer_cpu(d.cpu_per_1000), 2)} (consumer) "
-            f"| {_others(d.cpu_per_1000, set())} | {_lat(lat)} |"
-        )
-    elif "fair" in r.errors:
-        lines.append(_error_row("7 | fair ceiling", r, "fair"))
-    if r.fair_checks is not None:
-        d, lat = r.fair_checks
-        commits = f" (commits {num(d.commits_per_s)})" if d.commits_per_s else ""
-        lines.append(
-            f"| 7b | fair ceiling + eglo's core (`--checks`): the same, plus eglo's pure-core "
-            f"work per request (request validation, fingerprint, predict body, answer parsing, "
-            f"result checks, anomaly detection) "
-            f"| {num(d.requests)} | {num(d.runs_per_s)}{commits}{_disturbed(d)} "
-            f"| {num(_consumer_cpu(d.cpu_per_1000), 2)} (consumer) "
-            f"| {_others(d.cpu_per_1000, set())} | {_lat(lat)} |"
-        )
-    elif "fair-checks" in r.errors:
-        lines.append(_error_row("7b | fair ceiling + eglo's core", r, "fair-checks"))
+    for row, label, fair, key in (
+        (
+            "7",
+            "fair ceiling: eglo's pipeline by hand (`benchmarks/fair_ceiling.py`): aio-pika "
+            "consume (prefetch 256) → 1 aiohttp call to the emulator → the DB ceiling's rows, "
+            "group commit (2 writers, ≤ 100) → 2 confirmed event publishes → ack",
+            r.fair,
+            "fair",
+        ),
+        (
+            "7b",
+            "fair ceiling + eglo's core (`--checks`): the same, plus eglo's pure-core work per "
+            "request (request validation, fingerprint, predict body, answer parsing, result "
+            "checks, anomaly detection)",
+            r.fair_checks,
+            "fair-checks",
+        ),
+    ):
+        if fair is not None:
+            d, lat = fair
+            commits = f" (commits {num(d.commits_per_s)})" if d.commits_per_s else ""
+            lines.append(
+                f"| {row} | {label} | {num(d.requests)} | {num(d.runs_per_s)}{commits}"
+                f"{_disturbed(d)} | {num(_consumer_cpu(d.cpu_per_1000), 2)} (consumer) "
+                f"| {_others(d.cpu_per_1000, set())} | {_lat(lat)} |"
+            )
+        elif key in r.errors:
+            lines.append(_error_row(f"{row} | {key}", r, key))
     for idx, label, res, key in (
         (3, "eglo: 1 `eglo worker` + `eglo emulator --latency-ms 20`", r.eglo, "eglo"),
         (4, "FastStream baseline (`benchmarks/faststream_baseline.py`, prefetch 64)",
@@ -521,14 +523,14 @@ def format_targets(r: Results) -> list[str]:
             )
     else:
         lines.append("| eglo ≥ 80 % of the fair ceiling's throughput | n/a | n/a |")
-    if r.eglo and r.fair_checks and r.fair_checks[0].sustained_per_s:
-        like = r.fair_checks[0]
+    like_sustained = r.fair_checks[0].sustained_per_s if r.fair_checks else None
+    if r.eglo and r.fair_checks and eglo_sustained and like_sustained:
         eglo_cpu = _sustained_cpu(r.eglo.drain)
-        like_cpu = _sustained_cpu(like)
+        like_cpu = _sustained_cpu(r.fair_checks[0])
         lines.append(
             f"| like for like (informational): eglo against the fair ceiling doing eglo's core "
-            f"work too | {num(eglo_sustained or 0)} / {num(like.sustained_per_s)} runs/s = "
-            f"{num(100 * (eglo_sustained or 0) / like.sustained_per_s)} %; worker CPU "
+            f"work too | {num(eglo_sustained)} / {num(like_sustained)} runs/s = "
+            f"{num(100 * eglo_sustained / like_sustained)} %; worker CPU "
             f"{num(eglo_cpu, 2)} / {num(like_cpu, 2)} s per 1,000 runs = "
             f"{num(eglo_cpu / like_cpu, 2)}x | |"
         )

@@ -185,3 +185,72 @@ def test_api_load_bodies_go_to_their_types_route_and_the_table_shows_both_loads(
     table = "\n".join(api_load.format_api(result))
     assert "**200 req/s** answered 202" in table and "4.0 / 4.0 / 4.0 / 40" in table
     assert "**5 still running (202)**" in table and "`?wait=5` at 50 req/s" in table
+
+
+class _Message:
+    """What EgloCore reads of a delivery."""
+
+    def __init__(self, body: bytes, routing_key: str) -> None:
+        self.body, self.routing_key, self.content_type = body, routing_key, "application/json"
+
+
+def test_fair_ceiling_with_checks_does_eglos_core_work() -> None:
+    """--checks: the request parsed as eglo's intake parses it, eglo's predict body, and the
+    answer checked by eglo's result checks (a wrong answer is refused, as the worker refuses it)."""
+    from qnn_emulator.predictors import predict
+    from worker.core.result_checks import InvalidResult, check_result
+
+    core = fair_ceiling.EgloCore()
+    execution = {"model_id": "m", "device": "sim", "n_qubits": 4, "circuit_depth": 9,
+                 "execution_time_ms": 12.5, "cost_usd": 0.01}
+    for doc in generate_requests(8, seed=4, id_prefix="t"):
+        wire = orjson.dumps(_without_nulls(doc))
+        request = core.parse(_Message(wire, f"request.{doc['request_type']}"))  # type: ignore[arg-type]
+        assert request == parse_request(doc)
+        assert core.predict_body(request) == build_predict_body(
+            request, model_id="PRETRAINED_QNN_GRID_MODEL", mode="quantum", optimization_level=1
+        )
+        answer = predict(request.payload).result
+        data = {"prediction": answer, "execution": execution}
+        body = orjson.dumps({"success": True, "data": data})
+        result, metadata = core.check(request, body, 21.0)
+        assert (result, metadata) == (
+            check_result(request, answer, execution)[0],
+            ExecutionMetadata.model_validate(execution).model_dump(mode="json"),
+        )
+        if request.request_type == "forecast":
+            wrong = orjson.dumps({"success": True, "data": {"prediction": {"forecast": [-1.0]},
+                                                             "execution": execution}})
+            with pytest.raises(InvalidResult):
+                core.check(request, wrong, 21.0)
+
+
+def _drain(runs_per_s: float, cpu: float) -> Any:
+    from benchmarks.harness import Drain
+
+    return Drain(
+        requests=1000, runs_per_s=runs_per_s, commits_per_s=runs_per_s, window_runs=900,
+        window_s=900 / runs_per_s, total_s=1000 / runs_per_s, stored_all_s=None,
+        cpu_per_1000={"consumer-1": cpu}, peak_rss_mb={}, completed=1000, max_relay_backlog=None,
+    )
+
+
+def test_results_table_prices_eglo_against_both_fair_ceilings() -> None:
+    from benchmarks import e2e, run
+
+    results = run.Results(started_at="now", command="test", mode="quick", sizes=run.QUICK,
+                          worker_env={})
+    results.fair = (_drain(600.0, 0.8), None)
+    results.fair_checks = (_drain(500.0, 1.2), None)
+    results.eglo = e2e.E2E("eglo", 1, _drain(450.0, 1.44), None, 1.0)
+    table = run.format_results(results)
+    rows = {line.split(" | ")[0]: line for line in table.splitlines() if line.startswith("| 7")}
+    assert set(rows) == {"| 7", "| 7b"}
+    assert "| 600 (commits 600) | 0.80 (consumer) |" in rows["| 7"]
+    assert "| 500 (commits 500) | 1.20 (consumer) |" in rows["| 7b"]
+    assert "1.44 / 0.80 s per 1,000 runs = 1.80x | **not met**" in table
+    assert "450 / 500 runs/s = 90 %; worker CPU 1.44 / 1.20 s per 1,000 runs = 1.20x" in table
+    results.fair_checks = None
+    results.errors["fair-checks"] = "boom"
+    table = run.format_results(results)
+    assert "| 7b | fair-checks | error: boom |" in table and "like for like" not in table
