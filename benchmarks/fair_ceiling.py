@@ -45,7 +45,6 @@ import os
 import signal
 import sys
 import time
-from collections import defaultdict, deque
 from pathlib import Path
 from typing import Any, cast
 
@@ -72,8 +71,8 @@ from contracts.qnn import PREDICT_PATH, build_predict_body, parse_predict_respon
 from contracts.requests import AnyRequest, request_fingerprint
 from producers import topology
 from worker.core import intake
-from worker.core.anomalies import OP_WINDOW, detect_run_anomalies
 from worker.core.result_checks import check_result
+from worker.runtime.pipeline import OperationalBaselines
 from worker.runtime.service import settle_heap
 from worker.settings import Settings
 
@@ -122,8 +121,7 @@ class EgloCore:
 
     def __init__(self) -> None:
         self._settings = Settings()
-        self._latency: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=OP_WINDOW))
-        self._cost: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=OP_WINDOW))
+        self._baselines = OperationalBaselines()
 
     def parse(self, message: AbstractIncomingMessage) -> AnyRequest:
         request = intake.parse_request(
@@ -152,18 +150,7 @@ class EgloCore:
         """The checked result and execution metadata, after anomaly detection on them."""
         raw_result, raw_metadata = parse_predict_response(request.request_type, body)
         result, metadata = check_result(request, raw_result, raw_metadata)
-        latencies, costs = self._latency[request.request_type], self._cost[request.request_type]
-        detect_run_anomalies(
-            request,
-            result,
-            latency_ms=round_trip_ms,
-            recent_latency_ms=tuple(latencies),
-            cost_usd=metadata.cost_usd,
-            recent_cost_usd=tuple(costs),
-        )
-        latencies.append(round_trip_ms)
-        if metadata.cost_usd is not None:
-            costs.append(metadata.cost_usd)
+        self._baselines.detect(request, result, round_trip_ms, metadata.cost_usd)
         return result, metadata.model_dump(mode="json")
 
 
